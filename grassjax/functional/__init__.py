@@ -1,0 +1,33 @@
+"""Pure JAX functions: attention, Grassmann mixing and their statistics.
+
+This subpackage imports JAX and NumPy only -- never Flax -- so it can be
+dropped into any JAX code base.
+"""
+
+from grassjax.functional.attention import (
+    attention_logits,
+    causal_average,
+    causal_mask,
+    scaled_dot_product_attention,
+)
+from grassjax.functional.grassmann import (
+    grassmann_mix,
+    grassmann_mix_reference,
+    num_plucker_coords,
+    offset_validity,
+    plucker,
+    plucker_norm,
+)
+
+__all__ = [
+    "attention_logits",
+    "causal_average",
+    "causal_mask",
+    "grassmann_mix",
+    "grassmann_mix_reference",
+    "num_plucker_coords",
+    "offset_validity",
+    "plucker",
+    "plucker_norm",
+    "scaled_dot_product_attention",
+]

@@ -1,0 +1,119 @@
+"""Causal attention and the running-mean trick, as pure JAX functions.
+
+Layout follows `jax.nn.dot_product_attention`: queries, keys and values are
+(..., T, H, D) -- any leading batch dims, then time, heads, head size.
+Attention weights, when asked for, are (..., H, T, T) with rows = queries.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def causal_average(x: jax.Array) -> jax.Array:
+    """Running mean over the time axis (-2): out[t] = mean(x[0..t]).
+
+    The "bag of words" trick: one matmul with a row-normalised lower-triangular
+    matrix instead of a Python loop over t.
+
+    Args:
+      x: (..., T, C).
+    Returns:
+      (..., T, C), same dtype as x.
+    """
+    T = x.shape[-2]
+    tril = jnp.tril(jnp.ones((T, T), dtype=jnp.float32))
+    weights = (tril / tril.sum(axis=-1, keepdims=True)).astype(x.dtype)  # (T, T)
+    return jnp.einsum("ts,...sc->...tc", weights, x)
+
+
+def causal_mask(T: int, S: int | None = None) -> jax.Array:
+    """Boolean (T, S) mask, True where query t may see key s (s <= t)."""
+    S = T if S is None else S
+    return jnp.tril(jnp.ones((T, S), dtype=bool), k=S - T)
+
+
+def attention_logits(q: jax.Array, k: jax.Array, *, scale: float | None = None) -> jax.Array:
+    """Scaled dot products, before any mask.
+
+    Args:
+      q: (..., T, H, D); k: (..., S, H, D).
+    Returns:
+      (..., H, T, S) in float32 or wider (logit growth is a stability signal, so keep precision).
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    dtype = jnp.promote_types(jnp.result_type(q, k), jnp.float32)  # at least float32
+    logits = jnp.einsum("...thd,...shd->...hts", q, k, preferred_element_type=dtype)
+    return logits * scale
+
+
+def _combined_mask(T: int, S: int, causal: bool, mask: jax.Array | None) -> jax.Array | None:
+    combined = causal_mask(T, S) if causal else None
+    if mask is not None:
+        combined = mask if combined is None else jnp.logical_and(combined, mask)
+    return combined
+
+
+def scaled_dot_product_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool = True,
+    mask: jax.Array | None = None,
+    scale: float | None = None,
+    return_weights: bool = False,
+    implementation: str | None = None,
+):
+    """Multi-head scaled dot-product attention.
+
+    Args:
+      q: (..., T, H, D) queries.
+      k: (..., S, H, D) keys.
+      v: (..., S, H, D) values.
+      causal: query t attends to keys s <= t (keys aligned to the end when S > T).
+      mask: optional boolean mask broadcastable to (..., H, T, S); True = keep.
+      scale: logit scale, default 1/sqrt(D).
+      return_weights: also return the (..., H, T, S) attention weights. This
+        path is written out explicitly; without it we call
+        `jax.nn.dot_product_attention`, which picks fused kernels (cuDNN) where
+        the backend has them.
+      implementation: passed to `jax.nn.dot_product_attention` ("xla", "cudnn"
+        or None); ignored when return_weights is True.
+
+    Returns:
+      out (..., T, H, D), or (out, weights) when return_weights is True.
+      Rows with no visible key (only possible with a custom mask) are all zero.
+    """
+    T, S = q.shape[-3], k.shape[-3]
+    full_mask = _combined_mask(T, S, causal, mask)  # (..., T, S) or None
+    if return_weights:
+        return _explicit_attention(q, k, v, full_mask, scale)
+    # jax.nn.dot_product_attention wants exactly (B, T, H, D): fold leading dims.
+    lead, H = q.shape[:-3], q.shape[-2]
+    q4, k4, v4 = (a.reshape((-1,) + a.shape[-3:]) for a in (q, k, v))
+    plain_causal = causal and mask is None and T == S  # lets the kernel build the mask itself
+    mask4 = None
+    if full_mask is not None and not plain_causal:
+        mask4 = jnp.broadcast_to(full_mask, lead + (H, T, S)).reshape((-1, H, T, S))
+    out = jax.nn.dot_product_attention(
+        q4, k4, v4, mask=mask4, scale=scale, is_causal=plain_causal, implementation=implementation
+    )
+    return out.reshape(q.shape[:-1] + (v.shape[-1],))
+
+
+def _explicit_attention(q, k, v, mask, scale):
+    logits = attention_logits(q, k, scale=scale)  # (..., H, T, S) float32
+    if mask is not None:
+        logits = jnp.where(mask, logits, -jnp.inf)
+    # Softmax that yields zeros (not NaN) for fully masked rows.
+    row_max = jnp.max(logits, axis=-1, keepdims=True)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    unnorm = jnp.exp(logits - jax.lax.stop_gradient(row_max))
+    denom = jnp.sum(unnorm, axis=-1, keepdims=True)
+    weights = unnorm / jnp.where(denom > 0, denom, 1.0)
+    out = jnp.einsum("...hts,...shd->...thd", weights.astype(v.dtype), v)
+    return out, weights

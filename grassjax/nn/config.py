@@ -1,0 +1,93 @@
+"""One dataclass configures every model in grassjax.nn."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+MIXERS = ("attention", "grassmann")
+NORM_PLACEMENTS = ("pre", "post")
+MODEL_KINDS = ("lm", "bigram")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a language model.
+
+    kind: "lm" (embeddings + blocks) or "bigram" (a next-token lookup table).
+    mixer: "attention" or "grassmann" -- what mixes information across time.
+    norm: "pre" = x + f(LN(x)) residual blocks (default; trains stably at depth);
+      "post" = the paper's arrangement. For Grassmann that is
+      ĥ = Dropout(LN(mix(x))), out = LN(ĥ + FFN(ĥ)), with no residual around the
+      mixer because the gate already blends h and g; for attention it is the
+      classic LN(x + attn(x)), LN(h + FFN(h)).
+    offsets: Grassmann offsets δ. With offsets_per_layer=False every layer uses
+      all of them; with True, layer i uses offsets[i] alone, which reads the
+      paper's 12-entry schedule (1,1,2,2,...,16,16) as one offset per layer.
+    rank: Grassmann reduced dimension r.
+    grassmann_out_proj: a d x d projection after the gate. The paper does not
+      describe it, but its parameter counts only add up with one per layer.
+    init_std: std of the N(0, init_std) initialisation of every matrix.
+    dtype: compute dtype ("float32" or "bfloat16"); parameters stay float32.
+    """
+
+    vocab_size: int = 65
+    block_size: int = 64
+    kind: str = "lm"
+    mixer: str = "grassmann"
+    num_layers: int = 4
+    d_model: int = 128
+    num_heads: int = 4
+    d_ff: int = 512
+    rank: int = 32
+    offsets: tuple[int, ...] = (1, 2, 4, 8, 12, 16)
+    offsets_per_layer: bool = False
+    grassmann_out_proj: bool = True
+    grassmann_eps: float = 1e-6
+    norm: str = "pre"
+    dropout: float = 0.0
+    use_bias: bool = True
+    tie_embeddings: bool = True
+    init_std: float = 0.02
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        object.__setattr__(self, "offsets", tuple(int(o) for o in self.offsets))
+        checks = [
+            (self.kind in MODEL_KINDS, f"model.kind must be one of {MODEL_KINDS}, got {self.kind!r}"),
+            (self.mixer in MIXERS, f"model.mixer must be one of {MIXERS}, got {self.mixer!r}"),
+            (self.norm in NORM_PLACEMENTS, f"model.norm must be one of {NORM_PLACEMENTS}, got {self.norm!r}"),
+            (self.d_model % self.num_heads == 0,
+             f"model.d_model ({self.d_model}) must be divisible by model.num_heads ({self.num_heads})"),
+            (self.rank >= 2, f"model.rank must be >= 2, got {self.rank}"),
+            (len(self.offsets) > 0 and min(self.offsets) >= 1,
+             f"model.offsets must be positive integers, got {self.offsets}"),
+            (not self.offsets_per_layer or len(self.offsets) == self.num_layers,
+             f"with model.offsets_per_layer=True, model.offsets needs one entry per layer "
+             f"({self.num_layers}), got {len(self.offsets)}"),
+            (0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}"),
+            (self.dtype in ("float32", "bfloat16"), f"model.dtype must be float32 or bfloat16, got {self.dtype!r}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    def layer_offsets(self, layer: int) -> tuple[int, ...]:
+        """The offsets used by block `layer`."""
+        return (self.offsets[layer],) if self.offsets_per_layer else self.offsets
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any]) -> "ModelConfig":
+        """Build from a dict / ConfigDict, rejecting unknown keys by name."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown model config key(s) {unknown}; valid keys: {sorted(known)}")
+        return cls(**dict(values))

@@ -1,0 +1,98 @@
+"""Language models: a bigram baseline and the N-block LM (attention or Grassmann mixer).
+
+Every model maps tokens (B, T) int32 to logits (B, T, V) float32 and takes the
+same keyword arguments, so one training loop serves them all.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from grassjax import functional as F
+from grassjax.nn.config import ModelConfig
+from grassjax.nn.layers import Block, compute_dtype, dense, layer_norm
+
+
+class LanguageModel(nnx.Module):
+    """Token + learned position embeddings, N blocks, final LayerNorm, tied head."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        embed_init = nnx.initializers.normal(cfg.init_std)
+        dtype = compute_dtype(cfg)
+        self.tok_embed = nnx.Embed(cfg.vocab_size, cfg.d_model, embedding_init=embed_init, dtype=dtype, rngs=rngs)
+        self.pos_embed = nnx.Embed(cfg.block_size, cfg.d_model, embedding_init=embed_init, dtype=dtype, rngs=rngs)
+        self.dropout = nnx.Dropout(cfg.dropout)
+        self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+        self.final_norm = layer_norm(cfg, rngs=rngs)
+        # Tied by default: the head reuses tok_embed (no bias), as in GPT-2 and the paper's counts.
+        self.head = None if cfg.tie_embeddings else dense(cfg, cfg.d_model, cfg.vocab_size, rngs=rngs, use_bias=False)
+
+    def __call__(self, tokens, *, deterministic: bool = True, rngs: nnx.Rngs | None = None,
+                 return_intermediates: bool = False):
+        """tokens (B, T) int -> logits (B, T, V) float32.
+
+        With return_intermediates=True also returns a list with one dict per
+        block: the mixer's intermediates (attention weights, or Grassmann gate,
+        norms, ...), for statistics.
+        """
+        B, T = tokens.shape
+        if T > self.cfg.block_size:
+            raise ValueError(f"sequence length {T} exceeds model.block_size={self.cfg.block_size}")
+        x = self.tok_embed(tokens) + self.pos_embed(jnp.arange(T))  # (B, T, C)
+        x = self.dropout(x, deterministic=deterministic, rngs=rngs)
+        intermediates = []
+        for block in self.blocks:
+            x, inter = block(x, deterministic=deterministic, rngs=rngs, capture=return_intermediates)
+            intermediates.append(inter)
+        x = self.final_norm(x)
+        logits = self.tok_embed.attend(x) if self.head is None else self.head(x)
+        logits = logits.astype(jnp.float32)  # the loss wants full precision even under bfloat16
+        return (logits, intermediates) if return_intermediates else logits
+
+
+class BigramLanguageModel(nnx.Module):
+    """Next-token logits read straight from a (V, V) table: the floor any LM must beat."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.table = nnx.Embed(cfg.vocab_size, cfg.vocab_size,
+                               embedding_init=nnx.initializers.normal(cfg.init_std), rngs=rngs)
+
+    def __call__(self, tokens, *, deterministic: bool = True, rngs: nnx.Rngs | None = None,
+                 return_intermediates: bool = False):
+        logits = self.table(tokens).astype(jnp.float32)  # (B, T, V)
+        return (logits, []) if return_intermediates else logits
+
+
+def build_model(cfg: ModelConfig, *, seed: int = 0):
+    """The model named by cfg.kind, initialised from `seed`."""
+    rngs = nnx.Rngs(params=seed)
+    return BigramLanguageModel(cfg, rngs=rngs) if cfg.kind == "bigram" else LanguageModel(cfg, rngs=rngs)
+
+
+def param_counts(model: nnx.Module) -> dict[str, int]:
+    """Exact parameter counts: total, and non-embedding (without token and position tables)."""
+    size = lambda module: sum(int(x.size) for x in jax.tree_util.tree_leaves(nnx.state(module, nnx.Param)))
+    total = size(model)  # works on nnx.eval_shape'd models too: only shapes are read
+    embedding = sum(size(getattr(model, name)) for name in ("tok_embed", "pos_embed", "table") if hasattr(model, name))
+    return {"total": total, "non_embedding": total - embedding}
+
+
+def analytic_param_count(cfg: ModelConfig) -> int:
+    """The same total, from the formula (used to check the modules and to size experiments)."""
+    V, C, L, F_, r = cfg.vocab_size, cfg.d_model, cfg.num_layers, cfg.d_ff, cfg.rank
+    b = 1 if cfg.use_bias else 0
+    if cfg.kind == "bigram":
+        return V * V
+    linear = lambda i, o: i * o + b * o
+    if cfg.mixer == "attention":
+        mixer = linear(C, 3 * C) + linear(C, C)
+    else:
+        mixer = linear(C, r) + linear(F.num_plucker_coords(r), C) + linear(2 * C, C)
+        mixer += linear(C, C) if cfg.grassmann_out_proj else 0
+    block = mixer + linear(C, F_) + linear(F_, C) + 2 * 2 * C  # + two LayerNorms
+    head = 0 if cfg.tie_embeddings else V * C
+    return V * C + cfg.block_size * C + L * block + 2 * C + head
