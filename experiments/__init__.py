@@ -1,0 +1,51 @@
+"""The registry of named experiments that `launch.py --exp=NAME` runs.
+
+Each experiment is a config (an ml_collections ConfigDict built by a plain
+function) plus the name of the runner that consumes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import ml_collections
+
+from experiments import shakespeare
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    name: str
+    description: str
+    get_config: Callable[[], ml_collections.ConfigDict]
+    runner: str = "train"  # which runner in launch.py consumes the config
+
+
+EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
+    Experiment("grassmann_shakespeare", "Causal Grassmann LM on tiny Shakespeare, CPU budget (~minutes)",
+               shakespeare.grassmann_shakespeare),
+    Experiment("transformer_shakespeare", "causal Transformer matched to grassmann_shakespeare in size and budget",
+               shakespeare.transformer_shakespeare),
+    Experiment("bigram_shakespeare", "bigram baseline on tiny Shakespeare", shakespeare.bigram_shakespeare),
+    Experiment("grassmann_shakespeare_gpu", "Grassmann LM at nanoGPT's GPU recipe (6x384, block 256)",
+               shakespeare.grassmann_shakespeare_gpu),
+    Experiment("transformer_shakespeare_gpu", "Transformer at nanoGPT's GPU recipe (6x384, block 256)",
+               shakespeare.transformer_shakespeare_gpu),
+    Experiment("compare_shakespeare", "Grassmann vs matched Transformer, 3 seeds each, with report.md and plots",
+               shakespeare.compare_shakespeare, runner="compare"),
+    Experiment("compare_shakespeare_gpu", "compare_shakespeare at the GPU recipe",
+               shakespeare.compare_shakespeare_gpu, runner="compare"),
+]}
+
+
+class UnknownExperimentError(KeyError):
+    def __str__(self):
+        return self.args[0]
+
+
+def get_experiment(name: str) -> Experiment:
+    if name not in EXPERIMENTS:
+        raise UnknownExperimentError(f"unknown experiment {name!r}; valid: {', '.join(sorted(EXPERIMENTS))} "
+                                     f"(python launch.py --list describes them)")
+    return EXPERIMENTS[name]

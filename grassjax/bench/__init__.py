@@ -1,0 +1,1 @@
+"""Benchmarks: scaling of the mixers and LM train steps, and streaming generation."""

@@ -1,0 +1,251 @@
+"""The one training loop: every model and every experiment goes through `train`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import pathlib
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from grassjax import data as data_lib
+from grassjax import sampling
+from grassjax.nn import ModelConfig, build_model, param_counts
+from grassjax.train.checkpoint import Checkpointer
+from grassjax.train.optim import make_optimizer
+from grassjax.train.probe import flatten_scalars, histograms, make_probe, map_figures
+from grassjax.train.run_logger import RunLogger
+from grassjax.train.step import TrainState, loss_report, make_eval_step, make_train_step
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss; the last good checkpoint is kept."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    workdir: str
+    final_step: int
+    best_val_loss: float
+    final_val_loss: float
+    wall_time_s: float
+    compile_time_s: float
+    step_time_ms: float
+    tokens_per_s: float
+    step_memory_bytes: int  # XLA's estimate for one train step: arguments + outputs + temporaries
+    step_flops: float  # XLA's cost analysis of one train step (0 if unavailable)
+    params: dict[str, int]
+    sample: str
+    history: list[dict[str, float]]  # one dict per eval
+
+
+def compiled_memory_bytes(compiled) -> int:
+    """Memory one call of a compiled function needs, from XLA's own analysis (0 if unavailable)."""
+    try:
+        m = compiled.memory_analysis()
+        return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                   - m.alias_size_in_bytes)
+    except Exception:  # some backends do not implement it
+        return 0
+
+
+def compiled_flops(compiled) -> float:
+    """FLOPs of one call of a compiled function, from XLA's cost analysis (0 if unavailable)."""
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float(cost.get("flops", 0.0))
+    except Exception:
+        return 0.0
+
+
+def model_config_from(config, vocab_size: int) -> ModelConfig:
+    """The ModelConfig for an experiment config: vocab from the data, block size from data.block_size."""
+    values = dict(config.model)
+    values.update(vocab_size=vocab_size, block_size=config.data.block_size)
+    return ModelConfig.from_mapping(values)
+
+
+def _wandb_identity(config, exp_name: str) -> dict[str, Any]:
+    seed = config.train.seed
+    architecture = "bigram" if config.model.kind == "bigram" else config.model.mixer
+    tags = list(config.wandb.tags) + [architecture, config.data.dataset]
+    return dict(project=config.wandb.project, name=config.wandb.name or f"{exp_name}-s{seed}",
+                group=config.wandb.group or exp_name, tags=sorted(set(tags)))
+
+
+def train(config, *, workdir: str | pathlib.Path, exp_name: str = "run", data_dir: str | None = None,
+          wandb_mode: str | None = None, print_fn: Callable[[str], None] = print) -> TrainResult:
+    """Train `config` (an experiment ConfigDict) in `workdir`, resuming from its latest checkpoint."""
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    tc = config.train
+
+    dataset = data_lib.load_char_dataset(data_dir, name=config.data.dataset, val_fraction=config.data.val_fraction,
+                                         allow_custom_text=config.data.allow_custom_text)
+    model_cfg = model_config_from(config, dataset.vocab.size)
+    (workdir / "vocab.json").write_text(json.dumps(dataset.vocab.to_dict()))
+    model = build_model(model_cfg, seed=tc.seed)
+    counts = param_counts(model)
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx, schedule = make_optimizer(tc)
+    state = TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
+
+    checkpointer = Checkpointer(workdir, max_to_keep=tc.keep_checkpoints)
+    start_step = checkpointer.latest_step()
+    if start_step is not None:
+        state = checkpointer.restore(state)
+        print_fn(f"Resuming from step {start_step} in {checkpointer.directory}")
+    start_step = int(state.step)
+
+    train_step = make_train_step(graphdef, tx, dropout=model_cfg.dropout, seed=tc.seed)
+    eval_loss = make_eval_step(graphdef)
+    block, batch = config.data.block_size, tc.batch_size
+    eval_sets = {split: data_lib.eval_batches(tokens, batch_size=batch, block_size=block,
+                                              num_batches=tc.eval_batches, seed=tc.seed)
+                 for split, tokens in (("train", dataset.train), ("val", dataset.val))}
+    prompt = jnp.asarray(dataset.vocab.encode(tc.sample_prompt), jnp.int32)[None]
+    sc = config.stats
+    probe = make_probe(graphdef, model_cfg, hist_bins=sc.hist_bins) if sc.enabled and model_cfg.kind == "lm" else None
+    probe_tokens = eval_sets["val"][0][0][: sc.probe_batch]  # a fixed slice of validation text
+
+    def batch_at(step):
+        return data_lib.sample_batch(dataset.train, batch_size=batch, block_size=block, seed=tc.seed, step=step)
+
+    def evaluate(state, step) -> dict[str, float]:
+        metrics = {}
+        for split, (xs, ys) in eval_sets.items():
+            metrics.update(loss_report(float(eval_loss(state.params, xs, ys)), split if split == "val" else "eval_train"))
+        return metrics
+
+    def log_statistics(state, step) -> dict[str, float]:
+        scalars, maps = probe(state.params, probe_tokens)
+        flat = flatten_scalars(scalars, model_cfg)
+        logger.log(flat, step=step)
+        logger.log_histograms({k: (v, sc.hist_bins) for k, v in histograms(scalars).items()}, step=step)
+        if sc.images:
+            figures = map_figures(maps, model_cfg, layers=tuple(sc.image_layers))
+            logger.log_images(figures, step=step)
+            import matplotlib.pyplot as plt
+            for fig in figures.values():
+                plt.close(fig)
+        return flat
+
+    def sample_text(state, step) -> str:
+        key = jax.random.fold_in(jax.random.key(tc.seed + 1), step)
+        tokens = sampling.generate(nnx.merge(graphdef, state.params), prompt, key, max_new_tokens=tc.sample_tokens,
+                                   temperature=tc.temperature, top_k=tc.top_k or None)
+        return dataset.vocab.decode(np.asarray(tokens[0]))
+
+    identity = _wandb_identity(config, exp_name)
+    logger = RunLogger(workdir=workdir, config=config.to_dict(), mode=wandb_mode, job_type="train",
+                       print_fn=print_fn, **identity)
+    logger.set_summary({"params/total": counts["total"], "params/non_embedding": counts["non_embedding"]})
+    print_fn(f"{identity['name']}: {model_cfg.kind}/{model_cfg.mixer} with {counts['total']:,} parameters "
+             f"({counts['non_embedding']:,} non-embedding), {tc.steps} steps of {batch}x{block} tokens")
+
+    # Compile ahead of the loop so that step times exclude compilation.
+    t0 = time.perf_counter()
+    x0, y0 = batch_at(start_step)
+    train_step = train_step.lower(state, x0, y0).compile()
+    compile_time = time.perf_counter() - t0
+    peak_memory = compiled_memory_bytes(train_step)
+    step_flops = compiled_flops(train_step)
+    logger.log({"perf/compile_time_s": compile_time, "perf/step_memory_mb": peak_memory / 2**20}, step=start_step)
+
+    stop_at = tc.steps if tc.stop_after <= 0 else min(tc.steps, tc.stop_after)
+    history, best_val, last_val, sample = [], math.inf, math.nan, ""
+    step_times: list[float] = []
+    run_start = time.perf_counter()
+    window_start, window_steps = time.perf_counter(), 0
+    step = start_step
+    progress = tqdm(total=stop_at, initial=start_step, desc=identity["name"], dynamic_ncols=True, disable=None)
+
+    def end_of_interval_eval(state, step):
+        nonlocal best_val, last_val, sample
+        metrics = evaluate(state, step)
+        best_val = min(best_val, metrics["val/loss"])
+        last_val = metrics["val/loss"]
+        sample = sample_text(state, step)
+        logger.log(metrics, step=step)
+        if probe is not None:
+            metrics.update(log_statistics(state, step))
+        logger.log_table("samples", ["step", "text"], [[step, sample]], step=step)
+        history.append({"step": step, **metrics})
+        progress.write(f"step {step:>6} | train {metrics['eval_train/loss']:.4f} | val {metrics['val/loss']:.4f} "
+                       f"| val bpc {metrics['val/bpc']:.3f}")
+
+    try:
+        while step < stop_at:
+            x, y = batch_at(step)
+            state, metrics = train_step(state, x, y)
+            step += 1
+            window_steps += 1
+            if step % tc.log_every == 0 or step == stop_at:
+                loss = float(metrics["loss"])  # blocks until the step is done
+                if not math.isfinite(loss):
+                    raise NonFiniteLossError(
+                        f"non-finite training loss ({loss}) at step {step}; last good checkpoint kept at step "
+                        f"{checkpointer.latest_step()} in {checkpointer.directory}. Lower "
+                        f"--config.train.learning_rate or raise --config.train.warmup_steps and rerun."
+                    )
+                elapsed = time.perf_counter() - window_start
+                step_time = elapsed / window_steps
+                step_times.append(step_time)
+                logger.log({"train/loss": loss, "train/bpc": loss / math.log(2),
+                            "train/grad_norm": float(metrics["grad_norm"]),
+                            "train/update_norm": float(metrics["update_norm"]),
+                            "train/lr": float(schedule(step - 1)),
+                            "perf/step_time_ms": 1000 * step_time,
+                            "perf/tokens_per_s": batch * block / step_time}, step=step)
+                progress.set_postfix(loss=f"{loss:.4f}")
+                window_start, window_steps = time.perf_counter(), 0
+            progress.update(1)
+            if step % tc.eval_every == 0 or step == tc.steps:
+                end_of_interval_eval(state, step)
+                window_start, window_steps = time.perf_counter(), 0  # eval time is not step time
+            if step % tc.checkpoint_every == 0 and step < stop_at:
+                checkpointer.save(state)
+        if not history or history[-1]["step"] != step:
+            end_of_interval_eval(state, step)
+        checkpointer.save(state)
+    except KeyboardInterrupt:
+        progress.close()
+        saved = checkpointer.save(state)
+        print_fn(f"Interrupted: checkpoint saved at step {saved} in {checkpointer.directory}; "
+                 f"rerun the same command to resume.")
+        logger.finish(exit_code=130)
+        checkpointer.close()
+        raise
+    except NonFiniteLossError:
+        progress.close()
+        logger.finish(exit_code=1)
+        checkpointer.close()
+        raise
+    progress.close()
+    checkpointer.close()
+
+    wall = time.perf_counter() - run_start
+    # Median over logging windows: robust to the odd slow window (GC, another process).
+    step_time = float(np.median(step_times)) if step_times else math.nan
+    result = TrainResult(
+        workdir=str(workdir), final_step=step, best_val_loss=best_val, final_val_loss=last_val, wall_time_s=wall,
+        compile_time_s=compile_time, step_time_ms=1000 * step_time, tokens_per_s=batch * block / step_time,
+        step_memory_bytes=peak_memory, step_flops=step_flops, params=counts, sample=sample, history=history,
+    )
+    logger.set_summary({"val/best_loss": best_val, "val/best_bpc": best_val / math.log(2),
+                        "perf/median_step_time_ms": result.step_time_ms, "perf/median_tokens_per_s": result.tokens_per_s,
+                        "perf/wall_time_s": wall})
+    logger.finish()
+    (workdir / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
+    print_fn(f"done: {step} steps in {wall:.1f}s | best val loss {best_val:.4f} ({best_val / math.log(2):.3f} bpc) "
+             f"| {result.step_time_ms:.1f} ms/step, {result.tokens_per_s:,.0f} tok/s, compile {compile_time:.1f}s")
+    print_fn("sample:\n" + sample)
+    return result

@@ -1,0 +1,68 @@
+"""The jitted train and eval steps, separate from the loop that drives them.
+
+We use NNX's functional split/merge: the model is split once into a static
+graphdef and a pytree of parameters, and the jitted functions take and return
+plain pytrees. This keeps NNX's Python graph traversal out of the hot path.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+
+class TrainState(NamedTuple):
+    params: Any  # nnx.State of nnx.Param
+    opt_state: Any  # optax state
+    step: jax.Array  # int32 scalar: number of updates applied
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy in nats. logits (..., V) float32, targets (...) int."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, *, dropout: float, seed: int):
+    """Returns train_step(state, x, y) -> (state, metrics), jitted with the state donated.
+
+    Dropout keys are fold_in(seed, step), so a resumed run draws the same masks.
+    """
+    use_dropout = dropout > 0
+    base_key = jax.random.key(seed)
+
+    def loss_fn(params, x, y, key):
+        model = nnx.merge(graphdef, params)
+        rngs = nnx.Rngs(dropout=key) if use_dropout else None
+        logits = model(x, deterministic=not use_dropout, rngs=rngs)  # (B, T, V)
+        return cross_entropy(logits, y)
+
+    def train_step(state: TrainState, x, y):
+        key = jax.random.fold_in(base_key, state.step)
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, x, y, key)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "update_norm": optax.global_norm(updates)}
+        return TrainState(params, opt_state, state.step + 1), metrics
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+def make_eval_step(graphdef):
+    """Returns eval_loss(params, xs, ys) -> mean loss over (N, B, T) batches, jitted."""
+
+    def eval_loss(params, xs, ys):
+        model = nnx.merge(graphdef, params)
+        losses = jax.lax.map(lambda xy: cross_entropy(model(xy[0]), xy[1]), (xs, ys))  # (N,)
+        return losses.mean()
+
+    return jax.jit(eval_loss)
+
+
+def loss_report(loss: float, prefix: str) -> dict[str, float]:
+    """Loss in nats, perplexity and bits per character (token) under one prefix."""
+    return {f"{prefix}/loss": loss, f"{prefix}/ppl": math.exp(min(loss, 50.0)), f"{prefix}/bpc": loss / math.log(2)}

@@ -1,0 +1,109 @@
+"""Run a named experiment: python launch.py --exp=grassmann_shakespeare [--config.train.steps=500 ...]
+
+Flags:
+  --exp=NAME                 which experiment (--list shows them all)
+  --config.<section>.<key>=V override any config field, type-checked (sections: model, data, train, wandb)
+  --workdir=DIR              checkpoints, metrics.jsonl, W&B files (default runs/<exp>); reruns resume here
+  --data_dir=DIR             folder holding tinyshakespeare/input.txt (else $GRASSJAX_DATA_DIR, else a user cache)
+  --wandb_mode=MODE          auto | online | offline | disabled (auto: online only with credentials)
+  --print_config             print the resolved config and exit
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags, logging
+
+import experiments
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("exp", None, "Experiment name; see --list.")
+flags.DEFINE_bool("list", False, "List the experiments, one line each, and exit.")
+flags.DEFINE_string("workdir", None, "Run directory (default: runs/<exp>). A rerun with the same one resumes.")
+flags.DEFINE_string("data_dir", None, "Folder containing tinyshakespeare/input.txt (else $GRASSJAX_DATA_DIR).")
+flags.DEFINE_enum("wandb_mode", "auto", ["auto", "online", "offline", "disabled"], "Weights & Biases mode.")
+flags.DEFINE_bool("print_config", False, "Print the resolved config and exit.")
+
+CONFIG_PREFIX = "--config."
+_overrides: dict[str, str] = {}
+
+
+def fail(message: str, code: int = 2):
+    """One line on stderr, no traceback."""
+    print(f"launch.py: error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl parses the ordinary flags; --config.* overrides are collected here and type-checked later."""
+    rest = argv[:1]
+    for arg in argv[1:]:
+        if arg.startswith(CONFIG_PREFIX):
+            key, sep, value = arg[len(CONFIG_PREFIX):].partition("=")
+            if not sep or not key:
+                fail(f"{arg!r} needs a value: write {CONFIG_PREFIX}<section>.<key>=VALUE")
+            _overrides[key] = value
+        else:
+            rest.append(arg)
+    try:
+        return FLAGS(rest)
+    except flags.Error as err:
+        fail(f"{err}. Run python launch.py --help for the flags.")
+
+
+def resolve_config(name: str, overrides: dict[str, str]):
+    from grassjax.train.config import apply_overrides, validate
+
+    experiment = experiments.get_experiment(name)
+    config = apply_overrides(experiment.get_config(), overrides)
+    validate(config)
+    return experiment, config
+
+
+def run_experiment(name: str, overrides: dict[str, str], *, workdir: str | None, data_dir: str | None,
+                   wandb_mode: str | None):
+    """Resolve and run one experiment; returns whatever its runner returns."""
+    from grassjax.train.compare import run_comparison
+    from grassjax.train.loop import train
+
+    experiment, config = resolve_config(name, overrides)
+    workdir = workdir or os.path.join("runs", name)
+    runners = {"train": train, "compare": run_comparison}
+    return runners[experiment.runner](config, workdir=workdir, exp_name=name, data_dir=data_dir,
+                                      wandb_mode=wandb_mode)
+
+
+def main(argv):
+    logging.set_verbosity(logging.WARNING)  # keep orbax / JAX info chatter off the console
+    if len(argv) > 1:
+        fail(f"unexpected arguments {argv[1:]}; flags look like --exp=NAME or --config.train.steps=100")
+    if FLAGS.list:
+        width = max(map(len, experiments.EXPERIMENTS))
+        for exp in experiments.EXPERIMENTS.values():
+            print(f"{exp.name:<{width}}  {exp.description}")
+        return
+    if not FLAGS.exp:
+        fail(f"pass --exp=NAME; valid: {', '.join(sorted(experiments.EXPERIMENTS))}")
+
+    from grassjax.data import DataError
+    from grassjax.train.config import ConfigError
+    from grassjax.train.loop import NonFiniteLossError
+
+    try:
+        if FLAGS.print_config:
+            print(resolve_config(FLAGS.exp, _overrides)[1])
+            return
+        run_experiment(FLAGS.exp, _overrides, workdir=FLAGS.workdir, data_dir=FLAGS.data_dir,
+                       wandb_mode=FLAGS.wandb_mode)
+    except (experiments.UnknownExperimentError, ConfigError, DataError) as err:
+        fail(str(err))
+    except NonFiniteLossError as err:
+        fail(str(err), code=1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,68 @@
+"""Experiment registry and type-checked config overrides."""
+
+import pytest
+
+import experiments
+from grassjax.nn import ModelConfig, analytic_param_count
+from grassjax.train.config import ConfigError, apply_overrides, default_config, validate
+
+
+def _params(cfg):
+    return analytic_param_count(ModelConfig.from_mapping({**cfg.model.to_dict(), "vocab_size": 65,
+                                                          "block_size": cfg.data.block_size}))
+
+
+@pytest.mark.parametrize("suffix", ["", "_gpu"])
+def test_transformer_and_grassmann_are_matched_within_5_percent(suffix):
+    grass = experiments.get_experiment(f"grassmann_shakespeare{suffix}").get_config()
+    trans = experiments.get_experiment(f"transformer_shakespeare{suffix}").get_config()
+    assert grass.model.mixer == "grassmann" and trans.model.mixer == "attention"
+    assert abs(_params(grass) / _params(trans) - 1) < 0.05
+    assert grass.train.to_dict() == trans.train.to_dict() and grass.data.to_dict() == trans.data.to_dict()
+
+
+def test_cpu_default_follows_nanogpt_cpu_recipe():
+    cfg = experiments.get_experiment("grassmann_shakespeare").get_config()
+    assert (cfg.model.num_layers, cfg.model.d_model, cfg.data.block_size, cfg.train.batch_size, cfg.train.steps) == \
+        (4, 128, 64, 12, 2000)
+
+
+def test_every_experiment_config_is_valid():
+    for exp in experiments.EXPERIMENTS.values():
+        validate(exp.get_config())
+
+
+def test_unknown_experiment_lists_the_valid_ones():
+    with pytest.raises(experiments.UnknownExperimentError) as err:
+        experiments.get_experiment("grassman_shakespeare")
+    assert "grassmann_shakespeare" in str(err.value) and "transformer_shakespeare" in str(err.value)
+
+
+def test_overrides_are_type_checked_and_applied():
+    cfg = apply_overrides(default_config(), {"train.steps": "7", "train.learning_rate": "3e-4",
+                                             "model.offsets": "1,2,3", "data.allow_custom_text": "true",
+                                             "model.mixer": "attention"})
+    assert cfg.train.steps == 7 and cfg.train.learning_rate == 3e-4 and tuple(cfg.model.offsets) == (1, 2, 3)
+    assert cfg.data.allow_custom_text is True and cfg.model.mixer == "attention"
+    assert default_config().train.steps == 2000  # the original is untouched
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"train.stepz": "5"}, "unknown key.*steps"),
+    ({"trian.steps": "5"}, "unknown section.*train"),
+    ({"train.steps": "five"}, "expected an integer"),
+    ({"train.learning_rate": "fast"}, "expected a number"),
+    ({"data.allow_custom_text": "maybe"}, "True or False"),
+    ({"model.offsets": "1,two"}, "comma-separated"),
+    ({"train": "5"}, "is a section"),
+])
+def test_bad_overrides_name_the_fix(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        apply_overrides(default_config(), overrides)
+
+
+def test_validate_rejects_impossible_values():
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        validate(apply_overrides(default_config(), {"train.batch_size": "0"}))
+    with pytest.raises(ConfigError, match="divisible"):
+        validate(apply_overrides(default_config(), {"model.num_heads": "3"}))
