@@ -53,7 +53,7 @@ def transformer_shakespeare_gpu():
 def bigram_shakespeare():
     cfg = default_config()
     cfg.model.kind = "bigram"
-    cfg.train.update(steps=3000, batch_size=32, learning_rate=1e-2, min_lr=1e-3, warmup_steps=0, weight_decay=0.0,
+    cfg.train.update(steps=3000, batch_size=32, learning_rate=5e-2, min_lr=1e-3, warmup_steps=0, weight_decay=0.0,
                      eval_every=500)
     return cfg
 

@@ -6,6 +6,8 @@ import dataclasses
 import json
 import math
 import pathlib
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -23,6 +25,35 @@ from grassjax.train.optim import make_optimizer
 from grassjax.train.probe import flatten_scalars, histograms, make_probe, map_figures
 from grassjax.train.run_logger import RunLogger
 from grassjax.train.step import TrainState, loss_report, make_eval_step, make_train_step
+
+
+class StopRequest:
+    """Turns the first Ctrl-C into a request to stop after the current step (and save).
+
+    The step and any checkpoint being written are allowed to finish, so the
+    saved state is consistent. A second Ctrl-C interrupts at once.
+    """
+
+    def __init__(self, print_fn):
+        self.requested = False
+        self.print_fn = print_fn
+        self.previous = None
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.print_fn("Ctrl-C: stopping after this step and saving a checkpoint (press again to abort at once)")
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
 
 
 class NonFiniteLossError(RuntimeError):
@@ -182,45 +213,54 @@ def train(config, *, workdir: str | pathlib.Path, exp_name: str = "run", data_di
         progress.write(f"step {step:>6} | train {metrics['eval_train/loss']:.4f} | val {metrics['val/loss']:.4f} "
                        f"| val bpc {metrics['val/bpc']:.3f}")
 
+    def check_finite(metrics, step) -> float:
+        loss = float(metrics["loss"])  # blocks until the step is done
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite training loss ({loss}) at step {step}; last good checkpoint kept at step "
+                f"{checkpointer.latest_step()} in {checkpointer.directory}. Lower "
+                f"--config.train.learning_rate or raise --config.train.warmup_steps and rerun."
+            )
+        return loss
+
     try:
-        while step < stop_at:
-            x, y = batch_at(step)
-            state, metrics = train_step(state, x, y)
-            step += 1
-            window_steps += 1
-            if step % tc.log_every == 0 or step == stop_at:
-                loss = float(metrics["loss"])  # blocks until the step is done
-                if not math.isfinite(loss):
-                    raise NonFiniteLossError(
-                        f"non-finite training loss ({loss}) at step {step}; last good checkpoint kept at step "
-                        f"{checkpointer.latest_step()} in {checkpointer.directory}. Lower "
-                        f"--config.train.learning_rate or raise --config.train.warmup_steps and rerun."
-                    )
-                elapsed = time.perf_counter() - window_start
-                step_time = elapsed / window_steps
-                step_times.append(step_time)
-                logger.log({"train/loss": loss, "train/bpc": loss / math.log(2),
-                            "train/grad_norm": float(metrics["grad_norm"]),
-                            "train/update_norm": float(metrics["update_norm"]),
-                            "train/lr": float(schedule(step - 1)),
-                            "perf/step_time_ms": 1000 * step_time,
-                            "perf/tokens_per_s": batch * block / step_time}, step=step)
-                progress.set_postfix(loss=f"{loss:.4f}")
-                window_start, window_steps = time.perf_counter(), 0
-            progress.update(1)
-            if step % tc.eval_every == 0 or step == tc.steps:
+        with StopRequest(print_fn) as stop:
+            while step < stop_at and not stop.requested:
+                x, y = batch_at(step)
+                state, metrics = train_step(state, x, y)
+                step += 1
+                window_steps += 1
+                if step % tc.log_every == 0 or step == stop_at:
+                    loss = check_finite(metrics, step)
+                    step_time = (time.perf_counter() - window_start) / window_steps
+                    step_times.append(step_time)
+                    logger.log({"train/loss": loss, "train/bpc": loss / math.log(2),
+                                "train/grad_norm": float(metrics["grad_norm"]),
+                                "train/update_norm": float(metrics["update_norm"]),
+                                "train/lr": float(schedule(step - 1)),
+                                "perf/step_time_ms": 1000 * step_time,
+                                "perf/tokens_per_s": batch * block / step_time}, step=step)
+                    progress.set_postfix(loss=f"{loss:.4f}")
+                    window_start, window_steps = time.perf_counter(), 0
+                progress.update(1)
+                if step % tc.eval_every == 0 or step == tc.steps:
+                    end_of_interval_eval(state, step)
+                    window_start, window_steps = time.perf_counter(), 0  # eval time is not step time
+                if step % tc.checkpoint_every == 0 and step < stop_at:
+                    check_finite(metrics, step)  # never save a diverged state
+                    checkpointer.save(state)
+            if stop.requested:
+                check_finite(metrics, step)
+                saved = checkpointer.save(state)
+                progress.close()
+                print_fn(f"Interrupted: checkpoint saved at step {saved} in {checkpointer.directory}; "
+                         f"rerun the same command to resume.")
+                raise KeyboardInterrupt
+            if not history or history[-1]["step"] != step:
                 end_of_interval_eval(state, step)
-                window_start, window_steps = time.perf_counter(), 0  # eval time is not step time
-            if step % tc.checkpoint_every == 0 and step < stop_at:
-                checkpointer.save(state)
-        if not history or history[-1]["step"] != step:
-            end_of_interval_eval(state, step)
-        checkpointer.save(state)
+            checkpointer.save(state)
     except KeyboardInterrupt:
         progress.close()
-        saved = checkpointer.save(state)
-        print_fn(f"Interrupted: checkpoint saved at step {saved} in {checkpointer.directory}; "
-                 f"rerun the same command to resume.")
         logger.finish(exit_code=130)
         checkpointer.close()
         raise

@@ -46,7 +46,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, dropout: floa
         loss, grads = jax.value_and_grad(loss_fn)(state.params, x, y, key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "update_norm": optax.global_norm(updates)}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "update_norm": optax.tree.norm(updates)}
         return TrainState(params, opt_state, state.step + 1), metrics
 
     return jax.jit(train_step, donate_argnums=0)

@@ -1,0 +1,166 @@
+"""The training loop end to end: CLI, logging, resume, determinism, NaN stop, Ctrl-C, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from grassjax.train.run_logger import read_metrics_jsonl
+from tests.conftest import REPO, SHARED_DATA, TINY_OVERRIDES
+
+sys.path.insert(0, str(REPO))
+import launch  # noqa: E402  (launch.py lives at the repository root)
+
+
+def cli(*args, timeout=300, **kwargs):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, str(REPO / "launch.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, stdin=subprocess.DEVNULL, cwd=REPO, **kwargs)
+
+
+def overrides_as_flags(overrides):
+    return [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+def run(exp, workdir, data_dir, wandb_mode="disabled", **extra):
+    overrides = {**TINY_OVERRIDES, **{k.replace("__", "."): str(v) for k, v in extra.items()}}
+    return launch.run_experiment(exp, overrides, workdir=str(workdir), data_dir=str(data_dir), wandb_mode=wandb_mode)
+
+
+def train_losses(workdir):
+    return {r["step"]: r["train/loss"] for r in read_metrics_jsonl(workdir / "metrics.jsonl") if "train/loss" in r}
+
+
+def test_cli_end_to_end_offline_logs_everywhere(tmp_path, text_data_dir):
+    workdir = tmp_path / "run"
+    proc = cli("--exp=grassmann_shakespeare", f"--workdir={workdir}", f"--data_dir={text_data_dir}",
+               "--wandb_mode=offline", *overrides_as_flags(TINY_OVERRIDES))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    offline_lines = [l for l in proc.stdout.splitlines() if l.startswith("W&B offline")]
+    assert len(offline_lines) == 1 and "wandb sync " in offline_lines[0]
+    records = read_metrics_jsonl(workdir / "metrics.jsonl")
+    keys = set().union(*records)
+    expected = {"train/loss", "train/lr", "train/grad_norm", "train/update_norm", "perf/tokens_per_s",
+                "perf/step_time_ms", "val/loss", "val/ppl", "val/bpc", "eval_train/loss",
+                "grassmann/gate_mean/L0", "grassmann/plucker_norm_mean/L0", "grassmann/offset_share/L0/d4",
+                "grassmann/zero_g_fraction/L0"}
+    assert expected <= keys, expected - keys
+    val = [r["val/loss"] for r in records if "val/loss" in r]
+    assert val[-1] < val[0] - 0.3  # it learns
+    result = json.loads((workdir / "result.json").read_text())
+    assert result["final_step"] == 20 and result["params"]["total"] > 0
+
+    from grassjax import wandb_offline
+
+    history = wandb_offline.read_history(wandb_offline.find_run_file(workdir))
+    logged = set().union(*history)
+    assert expected <= logged, expected - logged
+    by_step = {int(h["step"]): h for h in history if "val/loss" in h}
+    assert by_step[20]["val/loss"] == pytest.approx(val[-1], rel=1e-6)
+    assert any(k.startswith("grassmann/gate_map") for k in logged)  # images reached W&B too
+
+
+def test_resume_continues_the_loss_curve_exactly_and_runs_are_deterministic(tmp_path, text_data_dir):
+    interrupted, straight = tmp_path / "a", tmp_path / "b"
+    run("transformer_shakespeare", interrupted, text_data_dir, train__stop_after=6)
+    assert sorted(train_losses(interrupted)) == [2, 4, 6]
+    run("transformer_shakespeare", interrupted, text_data_dir)  # resumes at step 6
+    run("transformer_shakespeare", straight, text_data_dir)
+    resumed, reference = train_losses(interrupted), train_losses(straight)
+    assert sorted(resumed) == sorted(reference) == list(range(2, 21, 2))
+    assert resumed == reference  # bitwise: same data stream, dropout keys and optimizer state
+    # val loss at the end matches too
+    last_val = lambda w: [r["val/loss"] for r in read_metrics_jsonl(w / "metrics.jsonl") if "val/loss" in r][-1]
+    assert last_val(interrupted) == last_val(straight)
+
+
+def test_dropout_run_resumes_exactly(tmp_path, text_data_dir):
+    a, b = tmp_path / "a", tmp_path / "b"
+    run("grassmann_shakespeare", a, text_data_dir, model__dropout=0.2, train__stop_after=4, train__steps=8)
+    run("grassmann_shakespeare", a, text_data_dir, model__dropout=0.2, train__steps=8)
+    run("grassmann_shakespeare", b, text_data_dir, model__dropout=0.2, train__steps=8)
+    assert train_losses(a) == train_losses(b)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, text_data_dir):
+    from grassjax.train.checkpoint import Checkpointer
+    from grassjax.train.loop import NonFiniteLossError
+
+    workdir = tmp_path / "run"
+    run("grassmann_shakespeare", workdir, text_data_dir, train__stop_after=10)
+    with pytest.raises(NonFiniteLossError, match="last good checkpoint kept at step 10"):
+        run("grassmann_shakespeare", workdir, text_data_dir, train__learning_rate=1e30, train__min_lr=1e30)
+    assert Checkpointer(workdir).latest_step() == 10
+
+
+def test_ctrl_c_saves_a_checkpoint_and_a_rerun_resumes(tmp_path, text_data_dir):
+    workdir = tmp_path / "run"
+    flags = ["--exp=bigram_shakespeare", f"--workdir={workdir}", f"--data_dir={text_data_dir}", "--wandb_mode=disabled",
+             *overrides_as_flags({**TINY_OVERRIDES, "train.steps": "1000000", "train.eval_every": "1000000"})]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, str(REPO / "launch.py"), *flags], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO, stdin=subprocess.DEVNULL)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and "train/loss" in metrics.read_text()):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "checkpoint saved at step" in out and "Traceback" not in err
+    from grassjax.train.checkpoint import Checkpointer
+
+    saved = Checkpointer(workdir).latest_step()
+    assert saved and saved > 0
+    # The rerun picks up where it stopped.
+    proc = cli(*[f for f in flags if not f.startswith("--config.train.steps")], f"--config.train.steps={saved + 4}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"Resuming from step {saved}" in proc.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--exp=grassman_shakespeare"], "valid: bigram_shakespeare"),
+    (["--exp=grassmann_shakespeare", "--config.train.stepz=5"], "unknown key; valid keys here:"),
+    (["--exp=grassmann_shakespeare", "--config.train.steps=many"], "expected an integer"),
+    (["--exp=grassmann_shakespeare", "--config.model.num_heads=3"], "divisible"),
+    (["--exp=grassmann_shakespeare", "--config.train.steps"], "needs a value"),
+    (["--exp=grassmann_shakespeare", "--wandb_mode=maybe"], "wandb_mode"),
+])
+def test_bad_input_is_one_clear_line(args, message):
+    proc = cli(*args)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_missing_dataset_offline_explains_how_to_point_at_a_local_copy(tmp_path):
+    proc = cli("--exp=bigram_shakespeare", f"--data_dir={tmp_path / 'empty'}", "--wandb_mode=disabled",
+               "--config.train.steps=1")
+    assert proc.returncode == 2
+    line = proc.stderr.strip()
+    assert "\n" not in line and "--data_dir" in line and "GRASSJAX_DATA_DIR" in line
+
+
+def test_wrong_checksum_is_refused_without_the_flag(text_data_dir, tmp_path):
+    proc = cli("--exp=bigram_shakespeare", f"--data_dir={text_data_dir}", "--wandb_mode=disabled")
+    assert proc.returncode == 2 and "allow_custom_text" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_list_prints_one_line_per_experiment():
+    import experiments
+
+    proc = cli("--list")
+    assert proc.returncode == 0
+    assert len(proc.stdout.strip().splitlines()) == len(experiments.EXPERIMENTS)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "tinyshakespeare" / "input.txt").exists(), reason="no ../shared/data here")
+def test_bigram_on_real_tiny_shakespeare_reaches_val_loss_below_2_6(tmp_path):
+    result = launch.run_experiment("bigram_shakespeare", {"train.steps": "300", "train.eval_every": "300",
+                                                          "train.eval_batches": "10"},
+                                   workdir=str(tmp_path / "run"), data_dir=str(SHARED_DATA), wandb_mode="disabled")
+    assert result.best_val_loss < 2.6
