@@ -1,0 +1,29 @@
+"""The README's example really runs, and its commands match what CI does."""
+
+import re
+import subprocess
+import sys
+
+from tests.conftest import REPO
+
+README = (REPO / "README.md").read_text()
+
+
+def test_readme_example_runs():
+    block = README.split("<!-- readme-example")[1]
+    code = re.search(r"```python\n(.*?)```", block, re.S).group(1)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "[ 5. -5. -5.]" in proc.stdout
+
+
+def test_functional_does_not_import_flax():
+    code = "import sys, grassjax.functional; assert 'flax' not in sys.modules, 'flax imported'"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_ci_runs_the_readme_test_command():
+    commands = re.findall(r"```bash\n(.*?)\n```", README, re.S)
+    test_command = next(c for c in commands if "pytest" in c)
+    assert test_command in (REPO / ".ci" / "run").read_text()
