@@ -21,6 +21,7 @@ TINY_OVERRIDES = {
     "train.batch_size": "8",
     "train.steps": "20",
     "train.warmup_steps": "2",
+    "train.learning_rate": "1e-2",
     "train.log_every": "2",
     "train.eval_every": "10",
     "train.eval_batches": "2",

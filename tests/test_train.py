@@ -50,7 +50,8 @@ def test_cli_end_to_end_offline_logs_everywhere(tmp_path, text_data_dir):
                 "grassmann/zero_g_fraction/L0"}
     assert expected <= keys, expected - keys
     val = [r["val/loss"] for r in records if "val/loss" in r]
-    assert val[-1] < val[0] - 0.3  # it learns
+    first_train = next(r["train/loss"] for r in records if "train/loss" in r)
+    assert val[-1] < first_train - 0.5  # it learns
     result = json.loads((workdir / "result.json").read_text())
     assert result["final_step"] == 20 and result["params"]["total"] > 0
 
