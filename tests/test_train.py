@@ -165,3 +165,16 @@ def test_bigram_on_real_tiny_shakespeare_reaches_val_loss_below_2_6(tmp_path):
                                                           "train.eval_batches": "10"},
                                    workdir=str(tmp_path / "run"), data_dir=str(SHARED_DATA), wandb_mode="disabled")
     assert result.best_val_loss < 2.6
+
+
+def test_rewind_metrics_drops_records_past_the_checkpoint(tmp_path):
+    from grassjax.train.loop import rewind_metrics
+
+    path = tmp_path / "metrics.jsonl"
+    records = [{"step": 2, "train/loss": 3.0}, {"step": 4, "val/loss": 2.5}, {"step": 4, "attn/entropy/L0": 0.7},
+               {"step": 4, "histogram": "grassmann/gate_hist/L0", "counts": [1], "edges": [0, 1]},
+               {"step": 6, "train/loss": 2.0}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    kept = rewind_metrics(path, 4)
+    assert kept == [{"step": 2, "train/loss": 3.0}, {"step": 4, "val/loss": 2.5, "attn/entropy/L0": 0.7}]
+    assert len(path.read_text().splitlines()) == 4 and '"step": 6' not in path.read_text()

@@ -77,6 +77,25 @@ class TrainResult:
     history: list[dict[str, float]]  # one dict per eval
 
 
+def rewind_metrics(path: pathlib.Path, step: int) -> list[dict]:
+    """Drop records logged after `step` from metrics.jsonl (a resumed run re-logs them); return the rest.
+
+    Records of one step are merged, so an eval's loss and statistics come back as one dict.
+    """
+    if not path.exists():
+        return []
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        path.write_text("".join(line + "\n" for line in kept))
+    merged: dict[int, dict] = {}
+    for line in kept:
+        record = json.loads(line)
+        if "histogram" not in record:
+            merged.setdefault(record["step"], {}).update(record)
+    return [merged[s] for s in sorted(merged)]
+
+
 def compiled_memory_bytes(compiled) -> int:
     """Memory one call of a compiled function needs, from XLA's own analysis (0 if unavailable)."""
     try:
@@ -135,6 +154,8 @@ def train(config, *, workdir: str | pathlib.Path, exp_name: str = "run", data_di
         state = checkpointer.restore(state)
         print_fn(f"Resuming from step {start_step} in {checkpointer.directory}")
     start_step = int(state.step)
+    # Forget what a crashed run logged past its last checkpoint; recover the evals before it.
+    history = [r for r in rewind_metrics(workdir / "metrics.jsonl", start_step) if "val/loss" in r]
 
     train_step = make_train_step(graphdef, tx, dropout=model_cfg.dropout, seed=tc.seed)
     eval_loss = make_eval_step(graphdef)
@@ -192,7 +213,8 @@ def train(config, *, workdir: str | pathlib.Path, exp_name: str = "run", data_di
     logger.log({"perf/compile_time_s": compile_time, "perf/step_memory_mb": peak_memory / 2**20}, step=start_step)
 
     stop_at = tc.steps if tc.stop_after <= 0 else min(tc.steps, tc.stop_after)
-    history, best_val, last_val, sample = [], math.inf, math.nan, ""
+    best_val = min((h["val/loss"] for h in history), default=math.inf)
+    last_val, sample = (history[-1]["val/loss"] if history else math.nan), ""
     step_times: list[float] = []
     run_start = time.perf_counter()
     window_start, window_steps = time.perf_counter(), 0
@@ -258,6 +280,8 @@ def train(config, *, workdir: str | pathlib.Path, exp_name: str = "run", data_di
                 raise KeyboardInterrupt
             if not history or history[-1]["step"] != step:
                 end_of_interval_eval(state, step)
+            elif not sample:  # a rerun of a finished run: its evals were recovered, draw the sample again
+                sample = sample_text(state, step)
             checkpointer.save(state)
     except KeyboardInterrupt:
         progress.close()
