@@ -90,6 +90,7 @@ def main(argv):
     from grassjax.data import DataError
     from grassjax.train.config import ConfigError
     from grassjax.train.loop import NonFiniteLossError
+    from grassjax.train.run_logger import WandbCredentialsError
 
     try:
         if FLAGS.print_config:
@@ -97,7 +98,7 @@ def main(argv):
             return
         run_experiment(FLAGS.exp, _overrides, workdir=FLAGS.workdir, data_dir=FLAGS.data_dir,
                        wandb_mode=FLAGS.wandb_mode)
-    except (experiments.UnknownExperimentError, ConfigError, DataError) as err:
+    except (experiments.UnknownExperimentError, ConfigError, DataError, WandbCredentialsError) as err:
         fail(str(err))
     except NonFiniteLossError as err:
         fail(str(err), code=1)

@@ -23,7 +23,7 @@ from grassjax.nn import ModelConfig, build_model, param_counts
 from grassjax.train.checkpoint import Checkpointer
 from grassjax.train.optim import make_optimizer
 from grassjax.train.probe import flatten_scalars, histograms, make_probe, map_figures
-from grassjax.train.run_logger import RunLogger
+from grassjax.train.run_logger import RunLogger, read_metrics_jsonl
 from grassjax.train.step import TrainState, loss_report, make_eval_step, make_train_step
 
 
@@ -84,15 +84,19 @@ def rewind_metrics(path: pathlib.Path, step: int) -> list[dict]:
     """
     if not path.exists():
         return []
+    def before(line):
+        try:
+            return json.loads(line)["step"] <= step
+        except json.JSONDecodeError:  # a line half-written by a killed run
+            return False
+
     lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    kept = [line for line in lines if before(line)]
     if len(kept) != len(lines):
         path.write_text("".join(line + "\n" for line in kept))
     merged: dict[int, dict] = {}
-    for line in kept:
-        record = json.loads(line)
-        if "histogram" not in record:
-            merged.setdefault(record["step"], {}).update(record)
+    for record in read_metrics_jsonl(path):
+        merged.setdefault(record["step"], {}).update(record)
     return [merged[s] for s in sorted(merged)]
 
 

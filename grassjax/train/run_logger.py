@@ -1,8 +1,31 @@
-"""One object every run logs through: Weights & Biases, plus a plain JSONL copy of every scalar.
+"""One object every run logs through: Weights & Biases, plus plain files that exist without it.
 
-W&B mode "auto" picks online only when credentials exist, else offline, so
-the program never waits at a login prompt. metrics.jsonl in the workdir holds
-every logged scalar whatever the mode (non-finite values are written as null).
+W&B mode "auto" (the default) picks online only when credentials exist, else
+offline, so a run never waits at a login prompt and never reads stdin: the
+only way wandb would prompt is an online run without credentials, and that is
+refused up front (WandbCredentialsError) instead.
+
+Files written in the workdir whatever the mode:
+
+* metrics.jsonl -- one line {"step": s, **scalars} per `log` call, opened in
+  append mode so a resumed run continues the same file (steps re-run after a
+  resume appear again, later lines win). Lines are strict JSON: non-finite
+  floats are written as the strings "NaN", "Infinity", "-Infinity", which
+  `read_metrics_jsonl` turns back into floats.
+* images/<key>_<step>.png -- every logged image ("/" and other unsafe
+  characters in keys become "_").
+* tables.jsonl -- one line {"step", "table", "columns", "rows"} per table.
+* histograms.jsonl -- one line {"step", "histogram", "counts", "edges"} each.
+* summary.json -- the merged `set_summary` values.
+* wandb_run_id -- the W&B run id (online and offline modes), so a rerun in
+  the same workdir continues the same W&B run (resume="allow"). In offline
+  mode each (re)start writes its own wandb/offline-run-<time>-<id> folder with
+  the same id; sync them in order.
+
+W&B side: every `log` call is one history row that carries "step", the common
+x axis of all metrics (define_metric("*", step_metric="step")); wandb's own
+_step just counts rows, so logging a step twice (a resume) never drops data.
+val/loss, val/bpc and val/ppl get summary "min,last" (best and final value).
 """
 
 from __future__ import annotations
@@ -12,151 +35,384 @@ import math
 import netrc
 import os
 import pathlib
-import uuid
-from typing import Any, Callable
+import re
+import socket
+import threading
+import time
+from typing import Any, Callable, Iterable, Sequence
+from urllib.parse import urlparse
 
 import numpy as np
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+DEFAULT_SUMMARY_MIN = ("val/loss", "val/bpc", "val/ppl")
+_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+_ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline", "disabled": "disabled"}
 
 
-def _has_credentials() -> bool:
+class WandbCredentialsError(RuntimeError):
+    """Online mode was requested but no W&B credentials exist (wandb would prompt for them)."""
+
+
+def wandb_credentials_source() -> str | None:
+    """Where W&B credentials come from (WANDB_API_KEY, WANDB_IDENTITY_TOKEN_FILE, a netrc file), or None.
+
+    The netrc entry must be for the host of WANDB_BASE_URL (api.wandb.ai by
+    default); the netrc file is $NETRC, else ~/.netrc.
+    """
     if os.environ.get("WANDB_API_KEY"):
-        return True
+        return "WANDB_API_KEY"
+    if os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return "WANDB_IDENTITY_TOKEN_FILE"
+    host = urlparse(_base_url()).hostname or "api.wandb.ai"
     path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
     try:
-        return netrc.netrc(path).authenticators("api.wandb.ai") is not None
+        entry = netrc.netrc(path).authenticators(host)
     except (OSError, netrc.NetrcParseError):
-        return False
+        return None
+    return path if entry and entry[2] else None
+
+
+def _base_url() -> str:
+    return os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
+
+
+def wandb_host_reachable(url: str | None = None, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the W&B server opens within `timeout` seconds (DNS included).
+
+    Assumed true behind an HTTP(S) proxy, which this check cannot see through.
+    """
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                                       "all_proxy")):
+        return True
+    parsed = urlparse(url or _base_url())
+    address = (parsed.hostname or "api.wandb.ai", parsed.port or (80 if parsed.scheme == "http" else 443))
+    result = []
+
+    def connect():
+        try:
+            socket.create_connection(address, timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=connect, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return bool(result)
 
 
 def resolve_wandb_mode(requested: str | None) -> tuple[str, str]:
-    """(mode, reason) for a requested mode in WANDB_MODES (None means auto)."""
-    requested = requested or "auto"
-    if requested not in WANDB_MODES:
-        raise ValueError(f"unknown W&B mode {requested!r}; valid: {', '.join(WANDB_MODES)}")
-    if requested != "auto":
-        return requested, f"--wandb_mode={requested}"
-    if _has_credentials():
-        return "online", "credentials found"
-    return "offline", "no credentials found"
+    """(mode, reason) for a requested mode: None or "auto", "online", "offline", "disabled".
+
+    auto: the WANDB_MODE environment variable if it names a mode, else online
+    when credentials exist (see wandb_credentials_source) and the W&B server
+    answers (wandb_host_reachable; wandb.init would otherwise wait 90 s before
+    failing), and offline when not.
+    Raises ValueError for an unknown mode and WandbCredentialsError for online
+    without credentials (instead of letting wandb prompt for a login).
+    """
+    mode = "auto" if requested is None else str(requested).strip().lower()
+    if mode not in WANDB_MODES:
+        raise ValueError(f"invalid W&B mode {requested!r}; valid modes: {', '.join(WANDB_MODES)}")
+    reason = f"{mode} requested"
+    if mode == "auto":
+        env_mode = _ENV_MODES.get(os.environ.get("WANDB_MODE", "").strip().lower())
+        if env_mode is not None:
+            mode, reason = env_mode, f"WANDB_MODE={os.environ['WANDB_MODE']}"
+        else:
+            source = wandb_credentials_source()
+            if source is None:
+                return "offline", "no credentials found"
+            if not wandb_host_reachable():
+                return "offline", f"credentials found but {urlparse(_base_url()).hostname} is unreachable"
+            return "online", f"credentials from {source}"
+    if mode == "online" and wandb_credentials_source() is None:
+        raise WandbCredentialsError(
+            f"W&B online mode ({reason}) needs credentials: set WANDB_API_KEY or run `wandb login`, "
+            "or use offline mode and `wandb sync` later")
+    return mode, reason
 
 
-def _scalar(value: Any) -> float | int | None:
-    value = np.asarray(value).item() if not isinstance(value, (int, float)) else value
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+def _scalar(key: str, value: Any) -> bool | int | float | str:
+    """A Python scalar from a Python/NumPy/JAX scalar (or size-1 array)."""
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    try:
+        array = np.asarray(value)
+    except Exception as e:  # noqa: BLE001 - report which key was bad
+        raise TypeError(f"{key}: cannot log {type(value).__name__} as a scalar") from e
+    if array.size != 1 or array.dtype.kind not in "biuf":
+        raise TypeError(f"{key}: expected a real scalar, got {type(value).__name__} "
+                        f"of shape {array.shape} and dtype {array.dtype}")
+    return array.reshape(()).item()
+
+
+def _json_safe(value: Any) -> Any:
+    """Strict-JSON value: non-finite floats as "NaN"/"Infinity"/"-Infinity", NumPy scalars as Python."""
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _json_safe(value.tolist())
+    if isinstance(value, np.generic):
+        return _json_safe(value.item())
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if hasattr(value, "shape") and hasattr(value, "dtype"):  # a JAX array
+        return _json_safe(np.asarray(value).tolist())
+    return str(value)
+
+
+def _dumps(record: dict) -> str:
+    return json.dumps(_json_safe(record), allow_nan=False)
+
+
+def _file_stem(key: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", key).strip("_") or "image"
+
+
+def _save_png(image: Any, path: pathlib.Path) -> None:
+    """A matplotlib Figure, or an array: (H, W) -> colormapped (uint8 as gray), (H, W, 3|4) -> RGB(A)."""
+    if hasattr(image, "savefig"):
+        image.savefig(path, dpi=100)
+        return
+    import matplotlib.image
+
+    array = np.asarray(image)
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim == 2:
+        if array.dtype == np.uint8:
+            matplotlib.image.imsave(path, array, cmap="gray", vmin=0, vmax=255)
+        else:
+            matplotlib.image.imsave(path, np.nan_to_num(array.astype(np.float32)))
+    elif array.ndim == 3 and array.shape[-1] in (3, 4):
+        if array.dtype != np.uint8:
+            array = np.clip(np.nan_to_num(array.astype(np.float32)), 0.0, 1.0)
+        matplotlib.image.imsave(path, array)
+    else:
+        raise ValueError(f"{path.name}: an image must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), "
+                         f"got shape {array.shape}")
 
 
 class RunLogger:
-    """Logs scalars, images, tables and histograms to W&B and to <workdir>/metrics.jsonl."""
+    """Logs scalars, images, tables and histograms to W&B and to plain files in the workdir.
 
-    def __init__(self, *, workdir, project: str, name: str, group: str | None, tags: list[str], config: dict,
-                 mode: str | None = None, job_type: str | None = None, print_fn: Callable[[str], None] = print):
+    Usable as a context manager: leaving the block finishes the run with exit
+    code 0, 130 on KeyboardInterrupt and 1 on any other exception.
+    """
+
+    def __init__(self, *, workdir, project: str, name: str, group: str | None, tags: Iterable[str], config: dict,
+                 mode: str | None = None, job_type: str | None = None, print_fn: Callable[[str], None] = print,
+                 summary_min: Sequence[str] = DEFAULT_SUMMARY_MIN):
         self.workdir = pathlib.Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.mode, reason = resolve_wandb_mode(mode)
-        self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
+        self.mode, self.mode_reason = resolve_wandb_mode(mode)
+        self._print = print_fn
         self._finished = False
         self.run = None
+        self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
         if self.mode == "disabled":
             return
-        import wandb
-
-        # A rerun in the same workdir continues the same W&B run.
-        id_file = self.workdir / "wandb_run_id"
-        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
-        id_file.write_text(run_id)
-        os.environ.setdefault("WANDB_SILENT", "true")
-        self.run = wandb.init(
-            project=project, name=name, group=group or None, tags=list(tags), config=config, dir=str(self.workdir),
-            mode=self.mode, id=run_id, resume="allow", job_type=job_type, reinit="finish_previous",
-            settings=wandb.Settings(silent=True, console="off", x_disable_stats=True),
-        )
-        self.run.define_metric("step")
-        self.run.define_metric("*", step_metric="step")
-        self.run.define_metric("val/loss", step_metric="step", summary="min")
-        self.run.define_metric("val/bpc", step_metric="step", summary="min")
+        init = dict(project=project, name=name, group=group or None, tags=list(tags), config=dict(config),
+                    job_type=job_type, summary_min=tuple(summary_min))
+        try:
+            self.run = self._init_wandb(self.mode, **init)
+        except Exception as e:  # noqa: BLE001
+            if mode not in (None, "auto") or self.mode != "online":
+                self._jsonl.close()
+                raise
+            # auto picked online but W&B failed to start the run: keep training, offline. wandb-core still
+            # holds the failed run's id, so this offline run gets a fresh one (not saved in wandb_run_id).
+            self.mode, self.mode_reason = "offline", f"online init failed: {type(e).__name__}: {e}".split("\n")[0]
+            self.run = self._init_wandb("offline", fresh_id=True, **init)
         if self.mode == "offline":
-            print_fn(f"W&B offline ({reason}): run saved in {self.run_dir}; upload later with: "
-                     f"wandb sync {self.run_dir}")
+            print_fn(f"W&B offline ({self.mode_reason}): run saved in {self.run_dir}; "
+                     f"upload later with: wandb sync {self.run_dir}")
+        else:
+            print_fn(f"W&B online ({self.mode_reason}): {self.run.url}")
 
+    def _init_wandb(self, mode: str, *, project, name, group, tags, config, job_type, summary_min,
+                    fresh_id: bool = False):
+        import wandb
+        from wandb.sdk.lib.runid import generate_id
+
+        id_file = self.workdir / "wandb_run_id"
+        run_id = id_file.read_text().strip() if id_file.exists() else ""
+        if fresh_id:
+            run_id = generate_id()
+        elif not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_id):
+            run_id = generate_id()
+            id_file.write_text(run_id + "\n")
+        # Never a login prompt: offline/disabled skip login entirely, and online only gets here with
+        # credentials (resolve_wandb_mode). silent: our one status line replaces wandb's banner.
+        settings = wandb.Settings(silent=True, console="off", x_disable_stats=True)
+        run = wandb.init(project=project, name=name, group=group, tags=tags, config=config, job_type=job_type,
+                         dir=str(self.workdir), mode=mode, id=run_id, resume="allow", reinit="create_new",
+                         settings=settings)
+        run.define_metric("step")
+        run.define_metric("*", step_metric="step")
+        for key in summary_min:
+            run.define_metric(key, step_metric="step", summary="min,last")
+        return run
+
+    # ----------------------------------------------------------------------------------------- properties
     @property
     def run_dir(self) -> pathlib.Path | None:
-        """W&B's folder for this run (offline-run-... or run-...), None when disabled."""
-        return pathlib.Path(self.run.dir).parent if self.run is not None else None
+        """W&B's folder for this run (wandb/offline-run-... or wandb/run-...), None when disabled."""
+        return pathlib.Path(self.run.settings.sync_dir) if self.run is not None else None
+
+    @property
+    def run_file(self) -> pathlib.Path | None:
+        """The run's transaction log (run-<id>.wandb; see grassjax.wandb_offline), None when disabled."""
+        return pathlib.Path(self.run.settings.sync_file) if self.run is not None else None
+
+    @property
+    def run_id(self) -> str | None:
+        return self.run.id if self.run is not None else None
+
+    # --------------------------------------------------------------------------------------------- logging
+    def _check_open(self) -> None:
+        if self._finished:
+            raise RuntimeError("RunLogger.finish() was already called")
+
+    def _append(self, filename: str, record: dict) -> None:
+        with open(self.workdir / filename, "a", encoding="utf-8") as f:
+            f.write(_dumps(record) + "\n")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        values = {k: _scalar(v) for k, v in metrics.items()}
-        self._jsonl.write(json.dumps({"step": int(step), **values}) + "\n")
+        """Scalars (Python, NumPy or JAX) at a step: one W&B history row and one metrics.jsonl line."""
+        self._check_open()
+        if "step" in metrics:
+            raise ValueError("'step' is the step axis; pass it as the step argument, not as a metric")
+        step = int(step)
+        values = {str(k): _scalar(str(k), v) for k, v in metrics.items()}
+        self._jsonl.write(_dumps({"step": step, **values}) + "\n")
         self._jsonl.flush()
         if self.run is not None:
-            self.run.log({"step": int(step), **{k: (math.nan if v is None else v) for k, v in values.items()}},
-                         step=int(step))
+            self.run.log({"step": step, **values})
 
-    def log_images(self, images: dict[str, Any], step: int) -> None:
-        """Images as matplotlib figures or (H, W, 3) uint8 arrays; PNG copies go to <workdir>/images/."""
+    def log_images(self, images: dict[str, Any], step: int, caption: str | dict[str, str] | None = None) -> None:
+        """Figures or arrays (see _save_png) as W&B images, with PNG copies in <workdir>/images/.
+
+        caption: one caption for all images, or {key: caption}.
+        """
+        self._check_open()
+        step = int(step)
         folder = self.workdir / "images"
         folder.mkdir(exist_ok=True)
+        row: dict[str, Any] = {}
         for key, image in images.items():
-            path = folder / f"{key.replace('/', '_')}_{int(step)}.png"
-            if hasattr(image, "savefig"):
-                image.savefig(path, dpi=100)
-            else:
-                import matplotlib.image
-
-                matplotlib.image.imsave(path, np.asarray(image))
+            path = folder / f"{_file_stem(key)}_{step}.png"
+            _save_png(image, path)
             if self.run is not None:
                 import wandb
 
-                self.run.log({"step": int(step), key: wandb.Image(str(path))}, step=int(step))
-
-    def log_histograms(self, histograms: dict[str, tuple[np.ndarray, int]], step: int,
-                       value_range: tuple[float, float] = (0.0, 1.0)) -> None:
-        """Pre-binned histograms: {key: (counts, bins)} over value_range."""
-        for key, (counts, bins) in histograms.items():
-            edges = np.linspace(*value_range, bins + 1)
-            self._jsonl.write(json.dumps({"step": int(step), "histogram": key,
-                                          "counts": np.asarray(counts).tolist(), "edges": edges.tolist()}) + "\n")
-            if self.run is not None:
-                import wandb
-
-                hist = wandb.Histogram(np_histogram=(np.asarray(counts), edges))
-                self.run.log({"step": int(step), key: hist}, step=int(step))
-        self._jsonl.flush()
+                text = caption.get(key) if isinstance(caption, dict) else caption
+                row[key] = wandb.Image(str(path), caption=text)
+        if row:
+            self.run.log({"step": step, **row})
 
     def log_table(self, key: str, columns: list[str], rows: list[list], step: int) -> None:
-        with open(self.workdir / "tables.jsonl", "a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": int(step), "table": key, "columns": columns, "rows": rows}, default=str) + "\n")
+        """A W&B table (text samples, report tables), also appended to <workdir>/tables.jsonl."""
+        self._check_open()
+        step = int(step)
+        rows = [[c.item() if isinstance(c, np.generic) else c for c in row] for row in rows]
+        self._append("tables.jsonl", {"step": step, "table": key, "columns": list(columns), "rows": rows})
         if self.run is not None:
             import wandb
 
-            self.run.log({"step": int(step), key: wandb.Table(columns=columns, data=rows)}, step=int(step))
+            self.run.log({"step": step, key: wandb.Table(columns=list(columns), data=rows)})
+
+    def log_histograms(self, histograms: dict[str, tuple[np.ndarray, int]], step: int,
+                       value_range: tuple[float, float] = (0.0, 1.0)) -> None:
+        """Pre-binned histograms {key: (counts, bins)} over value_range; copies in <workdir>/histograms.jsonl."""
+        self._check_open()
+        step = int(step)
+        row: dict[str, Any] = {}
+        for key, (counts, bins) in histograms.items():
+            counts = np.asarray(counts)
+            edges = np.linspace(*value_range, int(bins) + 1)
+            self._append("histograms.jsonl", {"step": step, "histogram": key, "counts": counts.tolist(),
+                                              "edges": edges.tolist()})
+            if self.run is not None:
+                import wandb
+
+                row[key] = wandb.Histogram(np_histogram=(counts, edges))
+        if row:
+            self.run.log({"step": step, **row})
 
     def set_summary(self, values: dict[str, Any]) -> None:
+        """Run summary values (W&B summary, and merged into <workdir>/summary.json)."""
+        self._check_open()
+        values = {str(k): (v if isinstance(v, (dict, list)) else _scalar(str(k), v)) for k, v in values.items()}
+        path = self.workdir / "summary.json"
+        summary = json.loads(path.read_text()) if path.exists() else {}
+        summary.update(_json_safe(values))
+        path.write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
         if self.run is not None:
-            for key, value in values.items():
-                self.run.summary[key] = _scalar(value)
+            self.run.summary.update(values)
 
-    def finish(self, exit_code: int = 0) -> None:
+    # ----------------------------------------------------------------------------------------------- end
+    def finish(self, exit_code: int = 0, wait_s: float = 60.0) -> None:
+        """Close the files and finish the W&B run. Safe to call twice.
+
+        wandb's run.finish() returns before wandb-core has written the run
+        file (it does that asynchronously); this waits up to wait_s seconds
+        for the file to end with the run's exit record, so the run file is
+        complete (grassjax.wandb_offline can read it) once finish returns.
+        """
         if self._finished:
             return
         self._finished = True
         self._jsonl.close()
-        if self.run is not None:
-            self.run.finish(exit_code=exit_code)
+        if self.run is None:
+            return
+        run_file = self.run_file
+        self.run.finish(exit_code=int(exit_code))
+        from grassjax.wandb_offline import run_file_complete
 
-    def __enter__(self):
+        deadline = time.monotonic() + wait_s
+        while not run_file_complete(run_file):
+            if time.monotonic() > deadline:
+                self._print(f"W&B: {run_file} was still incomplete {wait_s:.0f}s after finishing the run")
+                return
+            time.sleep(0.02)
+
+    def __enter__(self) -> "RunLogger":
         return self
 
-    def __exit__(self, exc_type, exc, tb):
-        self.finish(exit_code=0 if exc_type is None else 1)
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        code = 0 if exc_type is None else (130 if issubclass(exc_type, KeyboardInterrupt) else 1)
+        self.finish(exit_code=code)
         return False
 
 
 def read_metrics_jsonl(path) -> list[dict]:
-    """The scalar records of a metrics.jsonl (histogram lines skipped)."""
+    """The records of a metrics.jsonl in order, with "NaN"/"Infinity"/"-Infinity" back as floats.
+
+    Histogram lines (older files kept them here) are skipped, and so is a
+    half-written last line (a run killed mid-write).
+    """
     with open(path, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return [r for r in records if "histogram" not in r]
+        lines = [line for line in f if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise
+        if "histogram" in record:
+            continue
+        records.append({k: _NON_FINITE.get(v, v) if isinstance(v, str) else v for k, v in record.items()})
+    return records
