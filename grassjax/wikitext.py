@@ -1,0 +1,515 @@
+"""WikiText-2 (raw) as BERT-style WordPiece tokens, in NumPy and the `tokenizers` library (no JAX).
+
+    dataset = load_wikitext2()              # TokenDataset: train, val, test (uint16 streams), vocab
+    x, y = grassjax.data.sample_batch(dataset.train, batch_size=32, block_size=128, seed=0, step=0)
+
+Files to place
+--------------
+The loader reads the three files of the official WikiText-2 raw archive, ``wikitext-2-raw-v1.zip``
+(4,721,645 bytes, sha256 ``ef7edb566e3e2b2d31b29c1fdb0c89a4cc683597484c3dc2517919c615435a11``). Unzipping it
+in DATA_DIR creates the folder the loader expects::
+
+    DATA_DIR/wikitext-2-raw/wiki.train.raw   10,940,747 bytes   36,718 lines
+        sha256 6707892fa3788b5ab9ed78ab5ff37d9fe825f6011a2ad4fcd6a6d467f0e7da57
+    DATA_DIR/wikitext-2-raw/wiki.valid.raw    1,146,846 bytes    3,760 lines
+        sha256 4cd0f6876d07a413aa911261ff6d363c72d757d47f0fdd6015702014c89cb9c7
+    DATA_DIR/wikitext-2-raw/wiki.test.raw     1,290,590 bytes    4,358 lines
+        sha256 173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08
+
+DATA_DIR is --data_dir, else $GRASSJAX_DATA_DIR, else the per-user cache (~/.cache/grassjax). The line counts
+are the split sizes of the Hugging Face card for ``wikitext``/``wikitext-2-raw-v1`` (one row per line); the
+byte sizes and sha256s are those that projects pinning the archive publish (the archive's sha256 is also the
+one the Hugging Face ``datasets`` loader checked). Files that do not match them are still used, with a
+warning, so a modified corpus can be trained on deliberately. Nothing is ever downloaded. If the three files
+are missing and the Hugging Face ``datasets`` package is installed with a cached copy of
+``load_dataset("wikitext", "wikitext-2-raw-v1")``, that copy is read offline instead.
+
+How the text becomes tokens
+---------------------------
+* Lines that are empty or only whitespace (WikiText's paragraph separators) are skipped. Every other line is
+  kept as text, headings (`` = Title = ``, `` = = Section = = ``) and WikiText's ``@-@``, ``@,@``, ``@.@``
+  markers included. A split is one contiguous stream: the concatenation of its lines' encodings, no [SEP]
+  or [CLS] between them, which equals the encoding of its kept lines joined with "\\n" (BERT pre-tokenization
+  treats newlines as spaces).
+* The tokenizer is BERT's: BertNormalizer (lowercase, accents stripped, control characters dropped, spaces
+  around CJK characters), BertPreTokenizer (split on whitespace and punctuation), WordPiece with "##"
+  continuations and [UNK], WordPiece decoder, special tokens [PAD] [UNK] [CLS] [SEP] [MASK] (ids 0-4 when
+  trained). It is trained on the kept training lines with vocab_size (30,522 by default, the paper's and
+  bert-base-uncased's size; a small corpus may give fewer, and the alphabet of at most 1,000 characters
+  and their "##" forms is always kept, even beyond vocab_size), or read from a BERT ``vocab.txt`` (vocab_file=,
+  e.g. bert-base-uncased's, which has exactly 30,522 entries).
+* The `tokenizers` WordPiece trainer is not deterministic: two trainings on the same text can break ties
+  between equally frequent merges differently. The first trained tokenizer is therefore cached and reused,
+  at <data_dir>/wikitext-2-raw/wordpiece-<vocab_size>-<sha256 of wiki.train.raw, 12 hex>.json (``-min<k>``
+  is added before the hash when min_frequency is not 2), or under the per-user cache when the data folder is
+  read-only. Copy that file (it is also saved in every run's vocab.json) to reproduce a run's tokenization.
+* Token ids are uint16 and cached per split in tokens-wordpiece-<key>.npz beside the tokenizer, keyed by the
+  tokenizer and the three files' contents.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import sys
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from grassjax.data import (DATA_DIR_ENV, DataError, _is_writable_dir, _one_line, _write_atomically,
+                           resolve_data_dir, user_cache_dir)
+
+WIKITEXT_DIR = "wikitext-2-raw"
+WIKITEXT_ARCHIVE = "wikitext-2-raw-v1.zip"
+WIKITEXT_FILES = {"train": "wiki.train.raw", "val": "wiki.valid.raw", "test": "wiki.test.raw"}
+# Published sha256 of the official files (see the module docstring); a mismatch only warns.
+WIKITEXT_SHA256 = {
+    "train": "6707892fa3788b5ab9ed78ab5ff37d9fe825f6011a2ad4fcd6a6d467f0e7da57",
+    "val": "4cd0f6876d07a413aa911261ff6d363c72d757d47f0fdd6015702014c89cb9c7",
+    "test": "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08",
+}
+WIKITEXT_ARCHIVE_SHA256 = "ef7edb566e3e2b2d31b29c1fdb0c89a4cc683597484c3dc2517919c615435a11"
+# The Hugging Face names of the same data, read only from a local cache.
+HF_DATASET_NAMES = ("wikitext", "Salesforce/wikitext")
+HF_CONFIG = "wikitext-2-raw-v1"
+HF_SPLITS = {"train": "train", "val": "validation", "test": "test"}
+
+PAPER_VOCAB_SIZE = 30522
+SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+UNK_TOKEN = "[UNK]"
+WORDPIECE_PREFIX = "##"
+DEFAULT_MIN_FREQUENCY = 2
+LIMIT_ALPHABET = 1000  # BertWordPieceTokenizer.train's default
+_UINT16_IDS = np.iinfo(np.uint16).max + 1
+_TOKEN_CACHE_FORMAT = 1
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The vocabulary
+
+
+def _bert_pipeline(tokenizer: Tokenizer) -> Tokenizer:
+    """Give a WordPiece tokenizer BERT's normalizer, pre-tokenizer, decoder and [CLS] x [SEP] template."""
+    tokenizer.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
+                                                      strip_accents=None, lowercase=True)
+    tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tokenizer.decoder = decoders.WordPiece(prefix=WORDPIECE_PREFIX)
+    cls_id, sep_id = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    if cls_id is not None and sep_id is not None:  # only for tokenizer.encode(add_special_tokens=True)
+        tokenizer.post_processor = processors.BertProcessing(("[SEP]", sep_id), ("[CLS]", cls_id))
+    return tokenizer
+
+
+class WordPieceVocab:
+    """Text <-> uint16 token ids with a BERT-style WordPiece tokenizer (the duck type of data.CharVocab).
+
+    encode never adds [CLS]/[SEP]: a language-model stream is plain text. Lowercasing, accent stripping and
+    punctuation splitting make decode(encode(text)) the normalized text, not `text` itself.
+    """
+
+    def __init__(self, tokenizer: Tokenizer | str):
+        if isinstance(tokenizer, str):
+            try:
+                tokenizer = Tokenizer.from_str(tokenizer)
+            except Exception as err:  # tokenizers raises its own exception types
+                raise DataError(f"not a tokenizer JSON ({_one_line(err)})") from err
+        if not isinstance(tokenizer, Tokenizer):
+            raise DataError(f"WordPieceVocab takes a tokenizers.Tokenizer or its JSON, got {type(tokenizer)}")
+        size = tokenizer.get_vocab_size(with_added_tokens=True)
+        if not 0 < size <= _UINT16_IDS:
+            raise DataError(f"a {size}-token vocabulary does not fit uint16 token ids (at most {_UINT16_IDS})")
+        self._tokenizer = tokenizer
+        self._json = tokenizer.to_str()
+        self._size = size
+
+    # -- construction
+
+    @classmethod
+    def from_vocab_file(cls, vocab_file: str | os.PathLike) -> WordPieceVocab:
+        """A BERT vocab.txt (one token per line, id = line number), uncased: BertWordPieceTokenizer's setup."""
+        path = pathlib.Path(vocab_file).expanduser()
+        if not path.is_file():
+            raise DataError(f"vocab file {path} not found; pass vocab_file= a BERT vocab.txt (one token a line)")
+        try:
+            model = models.WordPiece.from_file(str(path), unk_token=UNK_TOKEN)
+        except Exception as err:
+            raise DataError(f"cannot read {path} as a WordPiece vocab.txt ({_one_line(err)})") from err
+        tokenizer = Tokenizer(model)
+        if tokenizer.token_to_id(UNK_TOKEN) is None:
+            raise DataError(f"{path} has no {UNK_TOKEN} token; a BERT vocab.txt lists it (bert-base-uncased: id 100)")
+        tokenizer.add_special_tokens([t for t in SPECIAL_TOKENS if tokenizer.token_to_id(t) is not None])
+        return cls(_bert_pipeline(tokenizer))
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> WordPieceVocab:
+        """A tokenizer saved as JSON (tokenizer.json, or this module's cached wordpiece-*.json)."""
+        try:
+            return cls(pathlib.Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as err:
+            raise DataError(f"cannot read tokenizer {path} ({_one_line(err)})") from err
+
+    # -- the CharVocab interface
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._tokenizer
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tokenizer.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self._tokenizer.id_to_token(int(token_id))
+
+    def encode(self, text: str) -> np.ndarray:
+        """str -> uint16 ids of shape (N,), without special tokens (whitespace-only text gives N = 0)."""
+        return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.uint16)
+
+    def encode_lines(self, lines: Sequence[str]) -> np.ndarray:
+        """Encode lines in parallel and concatenate them: one uint16 stream (the lines' texts, no separators)."""
+        if not lines:
+            return np.zeros((0,), np.uint16)
+        batch = getattr(self._tokenizer, "encode_batch_fast", self._tokenizer.encode_batch)
+        encodings = batch(list(lines), add_special_tokens=False)
+        return np.fromiter((i for e in encodings for i in e.ids), dtype=np.uint16)
+
+    def decode(self, ids: Iterable[int] | np.ndarray, *, skip_special_tokens: bool = False) -> str:
+        """Ids of shape (N,) (list, NumPy or JAX array) -> text, with "##" pieces joined to their words."""
+        ids = np.asarray(ids if hasattr(ids, "__array__") else list(ids))
+        if ids.ndim > 1:
+            raise DataError(f"decode takes one sequence of ids, got shape {ids.shape}; decode each row")
+        ids = ids.reshape(-1).astype(np.int64)
+        if ids.size and (ids.min() < 0 or ids.max() >= self.size):
+            bad = int(ids[(ids < 0) | (ids >= self.size)][0])
+            raise DataError(f"token id {bad} is outside the {self.size}-token vocabulary")
+        return self._tokenizer.decode(ids.tolist(), skip_special_tokens=skip_special_tokens)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, saved next to checkpoints: the whole tokenizer, so a run can be decoded later."""
+        return {"kind": "wordpiece", "tokenizer": self._json}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> WordPieceVocab:
+        if d.get("kind") != "wordpiece" or not isinstance(d.get("tokenizer"), str):
+            raise DataError("not a WordPiece vocabulary dict (expected kind 'wordpiece' and a tokenizer string)")
+        return cls(d["tokenizer"])
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    @classmethod
+    def from_json(cls, s: str) -> WordPieceVocab:
+        return cls.from_dict(json.loads(s))
+
+    @property
+    def sha256(self) -> str:
+        """Identifies the tokenizer (its JSON)."""
+        return hashlib.sha256(self._json.encode("utf-8")).hexdigest()
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, WordPieceVocab) and other._json == self._json
+
+    def __hash__(self) -> int:
+        return hash(self._json)
+
+    def __repr__(self) -> str:
+        return f"WordPieceVocab(size={self.size}, sha256={self.sha256[:12]})"
+
+
+def train_wordpiece(lines: Sequence[str], *, vocab_size: int = PAPER_VOCAB_SIZE,
+                    min_frequency: int = DEFAULT_MIN_FREQUENCY) -> WordPieceVocab:
+    """Train a BERT-style WordPiece tokenizer on `lines` (BertWordPieceTokenizer.train's settings)."""
+    tokenizer = _bert_pipeline(Tokenizer(models.WordPiece(unk_token=UNK_TOKEN)))
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                        special_tokens=list(SPECIAL_TOKENS), limit_alphabet=LIMIT_ALPHABET,
+                                        continuing_subword_prefix=WORDPIECE_PREFIX, show_progress=False)
+    tokenizer.train_from_iterator(lines, trainer=trainer, length=len(lines))
+    vocab = WordPieceVocab(_bert_pipeline(tokenizer))  # again: [CLS]/[SEP] have ids only after training
+    if vocab.size > vocab_size:  # the trainer always keeps the whole alphabet, "##" forms included
+        log.warning("The WordPiece alphabet alone has more than vocab_size=%d tokens; the vocabulary has %d",
+                    vocab_size, vocab.size)
+    return vocab
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The text
+
+
+def _kept_lines(text: str) -> list[str]:
+    """The non-blank lines, stripped (BERT pre-tokenization ignores the leading/trailing spaces anyway)."""
+    return [s for s in (line.strip() for line in text.split("\n")) if s]
+
+
+def _read_split_files(folder: pathlib.Path) -> dict[str, bytes] | None:
+    """split -> raw bytes of the three files, None if none exist; DataError if only some do."""
+    paths = {split: folder / name for split, name in WIKITEXT_FILES.items()}
+    missing = [p.name for p in paths.values() if not p.is_file()]
+    if len(missing) == len(paths):
+        return None
+    if missing:
+        raise DataError(_missing_message(folder, missing))
+    out = {}
+    for split, path in paths.items():
+        try:
+            out[split] = path.read_bytes()
+        except OSError as err:
+            raise DataError(f"cannot read {path} ({_one_line(err)}); check its permissions") from err
+    return out
+
+
+def _missing_message(folder: pathlib.Path, missing: Sequence[str]) -> str:
+    names = ", ".join(WIKITEXT_FILES.values())
+    return (f"WikiText-2 not found: {folder} is missing {', '.join(missing)}; unzip the official "
+            f"{WIKITEXT_ARCHIVE} in {folder.parent} so that {folder}/ holds {names}, or pass --data_dir=DIR "
+            f"(or set {DATA_DIR_ENV}=DIR) where DIR/{WIKITEXT_DIR}/ holds them")
+
+
+def _load_from_hf_cache() -> dict[str, bytes] | None:
+    """The splits from a locally cached Hugging Face `datasets` copy, offline; None if unavailable.
+
+    Rows are the files' lines ("" for blank ones), so they are joined back into text. Never downloads: the
+    offline switches are set before the call (and on an already-imported `datasets`) and restored after.
+    """
+    env_keys = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+    saved_env = {k: os.environ.get(k) for k in env_keys}
+    os.environ.update({k: "1" for k in env_keys})
+    patched: list[tuple[Any, str, Any]] = []
+    try:
+        try:
+            import datasets  # optional; not a requirement
+        except ImportError:
+            return None
+        for module_name, attrs in (("datasets.config", ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")),
+                                   ("huggingface_hub.constants", ("HF_HUB_OFFLINE",))):
+            module = sys.modules.get(module_name)
+            for attr in attrs:
+                if module is not None and hasattr(module, attr):
+                    patched.append((module, attr, getattr(module, attr)))
+                    setattr(module, attr, True)
+        for name in HF_DATASET_NAMES:
+            try:
+                ds = datasets.load_dataset(name, HF_CONFIG)
+                out = {}
+                for split, hf_split in HF_SPLITS.items():
+                    rows = [row if row.endswith("\n") else row + "\n" for row in ds[hf_split]["text"]]
+                    out[split] = "".join(rows).encode("utf-8")
+                log.info("Using the cached Hugging Face copy of %s/%s", name, HF_CONFIG)
+                return out
+            except Exception as err:  # not cached, offline, or another datasets version: try the next, then give up
+                log.debug("No offline Hugging Face copy of %s/%s (%s)", name, HF_CONFIG, _one_line(err))
+        return None
+    finally:
+        for module, attr, value in reversed(patched):
+            setattr(module, attr, value)
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def load_wikitext2_text(data_dir: str | os.PathLike | None = None) -> tuple[dict[str, bytes], pathlib.Path]:
+    """(split -> raw bytes of wiki.{train,valid,test}.raw, the folder they belong to).
+
+    Splits are keyed "train", "val", "test". Falls back to an offline Hugging Face cache; DataError if neither.
+    """
+    folder = resolve_data_dir(data_dir) / WIKITEXT_DIR
+    raw = _read_split_files(folder)
+    if raw is None:
+        raw = _load_from_hf_cache()
+        if raw is None:
+            raise DataError(_missing_message(folder, list(WIKITEXT_FILES.values())))
+        return raw, folder
+    for split, data in raw.items():
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != WIKITEXT_SHA256[split]:
+            log.warning("%s has sha256 %s, not the official %s; using it anyway",
+                        folder / WIKITEXT_FILES[split], actual[:12], WIKITEXT_SHA256[split][:12])
+    return raw, folder
+
+
+def _decode(data: bytes, split: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{WIKITEXT_FILES[split]} is not UTF-8 text ({_one_line(err)}); use the official "
+                        f"files from {WIKITEXT_ARCHIVE}") from err
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Caches
+
+
+def _cache_dirs(data_folder: pathlib.Path) -> list[pathlib.Path]:
+    """Where caches live, in order: beside the data, then the per-user cache."""
+    return [data_folder, user_cache_dir() / WIKITEXT_DIR]
+
+
+def _writable(path: pathlib.Path, data_folder: pathlib.Path) -> bool:
+    # Never write into a read-only data folder (the shared data here), even as root; the user cache is
+    # created on demand.
+    return path != data_folder or _is_writable_dir(data_folder)
+
+
+def tokenizer_cache_name(vocab_size: int, train_sha256: str, min_frequency: int = DEFAULT_MIN_FREQUENCY) -> str:
+    minimum = "" if min_frequency == DEFAULT_MIN_FREQUENCY else f"-min{min_frequency}"
+    return f"wordpiece-{vocab_size}{minimum}-{train_sha256[:12]}.json"
+
+
+def _publish_once(path: pathlib.Path, content: str) -> str:
+    """Save `content` at `path` unless another process got there first; return what `path` then holds.
+
+    Training is not deterministic, so two processes training at once (two arms of a comparison) must end up
+    with the same tokenizer: the first file written wins and the loser adopts it.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(content.encode("utf-8"))
+        try:
+            os.link(tmp, path)  # atomic, and fails if the file exists
+        except FileExistsError:
+            try:
+                existing = path.read_text(encoding="utf-8")
+                Tokenizer.from_str(existing)
+                return existing
+            except Exception:  # unreadable or not a tokenizer: replace it
+                os.replace(tmp, path)
+        except OSError:  # no hard links on this filesystem
+            os.replace(tmp, path)
+        return content
+    finally:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+
+
+# Tokenizers trained in this process, so repeated loads agree even when no cache folder is writable.
+_TRAINED: dict[tuple[str, int, int], WordPieceVocab] = {}
+
+
+def _trained_vocab(train_lines: list[str], train_sha256: str, data_folder: pathlib.Path, *, vocab_size: int,
+                   min_frequency: int) -> WordPieceVocab:
+    key = (train_sha256, vocab_size, min_frequency)
+    name = tokenizer_cache_name(vocab_size, train_sha256, min_frequency)
+    candidates = [d / name for d in _cache_dirs(data_folder)]
+    for path in candidates:
+        if path.is_file():
+            try:
+                vocab = WordPieceVocab.from_file(path)
+            except DataError as err:
+                log.warning("Ignoring the unreadable cached tokenizer %s (%s)", path, err)
+                continue
+            _TRAINED[key] = vocab
+            return vocab
+    if key in _TRAINED:
+        return _TRAINED[key]
+
+    log.info("Training a %d-token WordPiece tokenizer on %d lines", vocab_size, len(train_lines))
+    vocab = train_wordpiece(train_lines, vocab_size=vocab_size, min_frequency=min_frequency)
+    for path in candidates:
+        if not _writable(path.parent, data_folder):
+            continue
+        try:
+            saved = _publish_once(path, vocab.to_dict()["tokenizer"])
+            vocab = vocab if saved == vocab.to_dict()["tokenizer"] else WordPieceVocab(saved)
+            log.info("Saved the tokenizer to %s", path)
+            break
+        except OSError as err:  # a cache is an optimisation, but say how to keep the tokenizer stable
+            log.warning("Could not save the tokenizer at %s (%s); pass --data_dir=DIR pointing at a "
+                        "writable folder so later runs reuse it", path, _one_line(err))
+    _TRAINED[key] = vocab
+    return vocab
+
+
+def _tokens_key(vocab: WordPieceVocab, split_sha256: Mapping[str, str]) -> str:
+    blob = json.dumps({"format": _TOKEN_CACHE_FORMAT, "tokenizer": vocab.sha256, "splits": dict(split_sha256)},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+
+def _read_tokens(path: pathlib.Path, key: str) -> dict[str, np.ndarray] | None:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if str(f["key"]) != key:
+                return None
+            out = {split: f[split] for split in WIKITEXT_FILES}
+    except Exception:  # missing, truncated or not ours: rebuild it
+        return None
+    if any(a.dtype != np.uint16 or a.ndim != 1 for a in out.values()):
+        return None
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The dataset
+
+
+# eq=False: dataclass equality and hashing would compare the arrays, which NumPy cannot reduce to one bool.
+@dataclasses.dataclass(frozen=True, eq=False)
+class TokenDataset:
+    """WikiText-2's three splits, each one contiguous uint16 token stream (read-only arrays)."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    vocab: WordPieceVocab
+
+
+def load_wikitext2(data_dir: str | os.PathLike | None = None, *, vocab_size: int = PAPER_VOCAB_SIZE,
+                   vocab_file: str | os.PathLike | None = None,
+                   min_frequency: int = DEFAULT_MIN_FREQUENCY) -> TokenDataset:
+    """WikiText-2 raw as WordPiece tokens; see the module docstring for the files, tokenizer and caches.
+
+    vocab_file: a BERT vocab.txt to use instead of training (vocab_size and min_frequency are then unused).
+    """
+    if vocab_file is None:
+        if not 0 < vocab_size <= _UINT16_IDS:
+            raise DataError(f"vocab_size must be in [1, {_UINT16_IDS}] for uint16 tokens, got {vocab_size}")
+        if min_frequency < 0:
+            raise DataError(f"min_frequency must be >= 0, got {min_frequency}")
+    raw, data_folder = load_wikitext2_text(data_dir)
+    split_sha256 = {split: hashlib.sha256(data).hexdigest() for split, data in raw.items()}
+    lines = {split: _kept_lines(_decode(data, split)) for split, data in raw.items()}
+    if not lines["train"]:
+        raise DataError(f"{data_folder / WIKITEXT_FILES['train']} has no text; use the official files from "
+                        f"{WIKITEXT_ARCHIVE}")
+
+    if vocab_file is not None:
+        vocab = WordPieceVocab.from_vocab_file(vocab_file)
+    else:
+        vocab = _trained_vocab(lines["train"], split_sha256["train"], data_folder, vocab_size=vocab_size,
+                               min_frequency=min_frequency)
+
+    key = _tokens_key(vocab, split_sha256)
+    cache_name = f"tokens-wordpiece-{key[:12]}.npz"
+    candidates = [d / cache_name for d in _cache_dirs(data_folder)]
+    tokens = None
+    for path in candidates:
+        tokens = _read_tokens(path, key)
+        if tokens is not None:
+            break
+    if tokens is None:
+        tokens = {split: vocab.encode_lines(split_lines) for split, split_lines in lines.items()}
+        for path in candidates:
+            if not _writable(path.parent, data_folder):
+                continue
+            try:
+                _write_atomically(path, lambda f: np.savez(f, key=np.array(key), **tokens))
+                break
+            except OSError as err:  # a cache is an optimisation: never fail a run over it
+                log.warning("Could not cache tokens at %s (%s)", path, _one_line(err))
+    for array in tokens.values():
+        array.flags.writeable = False
+    return TokenDataset(train=tokens["train"], val=tokens["val"], test=tokens["test"], vocab=vocab)
