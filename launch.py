@@ -7,6 +7,7 @@ Flags:
   --data_dir=DIR             folder holding tinyshakespeare/input.txt (else $GRASSJAX_DATA_DIR, else a user cache)
   --wandb_mode=MODE          auto | online | offline | disabled (auto: online only with credentials)
   --print_config             print the resolved config and exit
+  --coordinator_address, --num_processes, --process_id   multi-host data parallelism (jax.distributed)
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ flags.DEFINE_string("workdir", None, "Run directory (default: runs/<exp>). A rer
 flags.DEFINE_string("data_dir", None, "Folder containing tinyshakespeare/input.txt (else $GRASSJAX_DATA_DIR).")
 flags.DEFINE_enum("wandb_mode", "auto", ["auto", "online", "offline", "disabled"], "Weights & Biases mode.")
 flags.DEFINE_bool("print_config", False, "Print the resolved config and exit.")
+flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (enables jax.distributed).")
+flags.DEFINE_integer("num_processes", None, "Multi-host: total number of processes.")
+flags.DEFINE_integer("process_id", None, "Multi-host: index of this process (0 logs and writes checkpoints).")
 
 CONFIG_PREFIX = "--config."
 _overrides: dict[str, str] = {}
@@ -92,6 +96,9 @@ def main(argv):
     from grassjax.train.loop import NonFiniteLossError
     from grassjax.train.run_logger import WandbCredentialsError
 
+    from grassjax.train.parallel import initialize_distributed
+
+    initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
     try:
         if FLAGS.print_config:
             print(resolve_config(FLAGS.exp, _overrides)[1])

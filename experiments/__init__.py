@@ -11,7 +11,7 @@ from typing import Callable
 
 import ml_collections
 
-from experiments import shakespeare
+from experiments import shakespeare, wikitext
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +36,16 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                shakespeare.compare_shakespeare, runner="compare"),
     Experiment("compare_shakespeare_gpu", "compare_shakespeare at the GPU recipe",
                shakespeare.compare_shakespeare_gpu, runner="compare"),
+    Experiment("paper_wikitext2_transformer_6l", "paper setting: Transformer, 6 layers, block 128, WikiText-2",
+               wikitext.paper_wikitext2_transformer_6l),
+    Experiment("paper_wikitext2_grassmann_6l", "paper setting: Grassmann, 6 layers, block 128, WikiText-2",
+               wikitext.paper_wikitext2_grassmann_6l),
+    Experiment("paper_wikitext2_transformer_12l", "paper setting: Transformer, 12 layers, block 256, WikiText-2",
+               wikitext.paper_wikitext2_transformer_12l),
+    Experiment("paper_wikitext2_grassmann_12l", "paper setting: Grassmann, 12 layers, block 256, per-layer offsets",
+               wikitext.paper_wikitext2_grassmann_12l),
+    Experiment("compare_wikitext2", "paper 6-layer Grassmann vs Transformer on WikiText-2, with report",
+               wikitext.compare_wikitext2, runner="compare"),
 ]}
 
 

@@ -27,16 +27,21 @@ def default_config() -> ml_collections.ConfigDict:
     cfg.model = ml_collections.ConfigDict(model)
 
     cfg.data = ml_collections.ConfigDict(dict(
-        dataset="tinyshakespeare",
+        dataset="tinyshakespeare",  # or "wikitext2" (WordPiece tokens)
         block_size=64,
-        val_fraction=0.1,
+        val_fraction=0.1,  # tinyshakespeare: the last 10% is validation
         allow_custom_text=False,  # accept a text whose sha256 is not tiny Shakespeare's
+        vocab_size=30522,  # wikitext2: WordPiece vocabulary trained on the training split
+        vocab_file="",  # wikitext2: use this BERT vocab.txt instead of training one
     ))
     cfg.train = ml_collections.ConfigDict(dict(
         seed=0,
         steps=2000,
+        epochs=0.0,  # > 0: train this many passes over the training tokens instead of `steps`
         stop_after=0,  # > 0: stop this invocation at that step (the schedule still spans `steps`)
-        batch_size=12,
+        batch_size=12,  # global: rows per optimizer step, over all devices and accumulation steps
+        per_device_batch_size=0,  # > 0: set the batch per device instead; global = this x devices x accum
+        grad_accum_steps=1,  # microbatches per optimizer step (lax.scan), to fit big batches in memory
         learning_rate=1e-3,
         min_lr=1e-4,
         warmup_steps=100,
@@ -122,6 +127,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"--config.{key} must be positive, got {value}")
+    if cfg.data.dataset not in ("tinyshakespeare", "wikitext2"):
+        raise ConfigError(f"--config.data.dataset must be tinyshakespeare or wikitext2, got {cfg.data.dataset!r}")
     if not 0 < cfg.data.val_fraction < 1:
         raise ConfigError(f"--config.data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
     variants = {"model": {}}

@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
@@ -22,6 +23,7 @@ from grassjax import sampling
 from grassjax.nn import ModelConfig, build_model, param_counts
 from grassjax.train.checkpoint import Checkpointer
 from grassjax.train.optim import make_optimizer
+from grassjax.train.parallel import batch_layout, make_mesh, replicate, replicate_host_array, shard_global_batch
 from grassjax.train.probe import flatten_scalars, histograms, make_probe, map_figures
 from grassjax.train.run_logger import RunLogger, read_metrics_jsonl
 from grassjax.train.step import TrainState, loss_report, make_eval_step, make_train_step
@@ -75,6 +77,16 @@ class TrainResult:
     params: dict[str, int]
     sample: str
     history: list[dict[str, float]]  # one dict per eval
+
+
+def load_dataset(data_cfg, data_dir: str | None):
+    """The token streams (train, val) and vocabulary named by config.data.dataset."""
+    if data_cfg.dataset == "wikitext2":
+        from grassjax import wikitext
+
+        return wikitext.load_wikitext2(data_dir, vocab_size=data_cfg.vocab_size, vocab_file=data_cfg.vocab_file or None)
+    return data_lib.load_char_dataset(data_dir, name=data_cfg.dataset, val_fraction=data_cfg.val_fraction,
+                                      allow_custom_text=data_cfg.allow_custom_text)
 
 
 def rewind_metrics(path: pathlib.Path, step: int) -> list[dict]:
@@ -142,8 +154,14 @@ def train(config, *, workdir: str | pathlib.Path, exp_name: str = "run", data_di
     workdir.mkdir(parents=True, exist_ok=True)
     tc = config.train
 
-    dataset = data_lib.load_char_dataset(data_dir, name=config.data.dataset, val_fraction=config.data.val_fraction,
-                                         allow_custom_text=config.data.allow_custom_text)
+    mesh = make_mesh()
+    layout = batch_layout(tc)  # fails early, naming the keys, if the batch does not split over the devices
+    is_main = jax.process_index() == 0  # only process 0 logs to W&B and prints
+    dataset = load_dataset(config.data, data_dir)
+    if tc.epochs > 0:  # the paper's budgets are in epochs: turn them into optimizer steps
+        config = ml_collections.ConfigDict(config.to_dict())
+        config.train.steps = math.ceil(tc.epochs * len(dataset.train) / (layout.global_batch * config.data.block_size))
+        tc = config.train
     model_cfg = model_config_from(config, dataset.vocab.size)
     (workdir / "vocab.json").write_text(json.dumps(dataset.vocab.to_dict()))
     model = build_model(model_cfg, seed=tc.seed)
@@ -154,6 +172,7 @@ def train(config, *, workdir: str | pathlib.Path, exp_name: str = "run", data_di
 
     checkpointer = Checkpointer(workdir, max_to_keep=tc.keep_checkpoints)
     start_step = checkpointer.latest_step()
+    state = replicate(state, mesh)
     if start_step is not None:
         state = checkpointer.restore(state)
         print_fn(f"Resuming from step {start_step} in {checkpointer.directory}")
@@ -161,23 +180,29 @@ def train(config, *, workdir: str | pathlib.Path, exp_name: str = "run", data_di
     # Forget what a crashed run logged past its last checkpoint; recover the evals before it.
     history = [r for r in rewind_metrics(workdir / "metrics.jsonl", start_step) if "val/loss" in r]
 
-    train_step = make_train_step(graphdef, tx, dropout=model_cfg.dropout, seed=tc.seed)
+    train_step = make_train_step(graphdef, tx, dropout=model_cfg.dropout, seed=tc.seed,
+                                 grad_accum_steps=layout.grad_accum_steps)
     eval_loss = make_eval_step(graphdef)
-    block, batch = config.data.block_size, tc.batch_size
-    eval_sets = {split: data_lib.eval_batches(tokens, batch_size=batch, block_size=block,
+    block, batch = config.data.block_size, layout.global_batch
+    eval_sets = {split: data_lib.eval_batches(tokens, batch_size=layout.microbatch, block_size=block,
                                               num_batches=tc.eval_batches, seed=tc.seed)
                  for split, tokens in (("train", dataset.train), ("val", dataset.val))}
-    prompt = jnp.asarray(dataset.vocab.encode(tc.sample_prompt), jnp.int32)[None]
+    eval_arrays = {split: tuple(replicate_host_array(a, mesh) for a in xy) for split, xy in eval_sets.items()}
+    prompt_ids = dataset.vocab.encode(tc.sample_prompt)
+    if len(prompt_ids) == 0:  # e.g. "\n" under WordPiece: start from the first validation token instead
+        prompt_ids = dataset.val[:1]
+    prompt = jnp.asarray(prompt_ids, jnp.int32)[None]
     sc = config.stats
     probe = make_probe(graphdef, model_cfg, hist_bins=sc.hist_bins) if sc.enabled and model_cfg.kind == "lm" else None
-    probe_tokens = eval_sets["val"][0][0][: sc.probe_batch]  # a fixed slice of validation text
+    probe_tokens = replicate_host_array(eval_sets["val"][0][0][: sc.probe_batch], mesh)  # fixed validation text
 
     def batch_at(step):
-        return data_lib.sample_batch(dataset.train, batch_size=batch, block_size=block, seed=tc.seed, step=step)
+        x, y = data_lib.sample_batch(dataset.train, batch_size=batch, block_size=block, seed=tc.seed, step=step)
+        return shard_global_batch(x, mesh), shard_global_batch(y, mesh)
 
     def evaluate(state, step) -> dict[str, float]:
         metrics = {}
-        for split, (xs, ys) in eval_sets.items():
+        for split, (xs, ys) in eval_arrays.items():
             metrics.update(loss_report(float(eval_loss(state.params, xs, ys)), split if split == "val" else "eval_train"))
         return metrics
 
@@ -201,11 +226,17 @@ def train(config, *, workdir: str | pathlib.Path, exp_name: str = "run", data_di
         return dataset.vocab.decode(np.asarray(tokens[0]))
 
     identity = _wandb_identity(config, exp_name)
-    logger = RunLogger(workdir=workdir, config=config.to_dict(), mode=wandb_mode, job_type="train",
+    if not is_main:  # other hosts keep a local metrics copy but stay off W&B and the console
+        workdir_log, wandb_mode, print_fn = workdir / f"process{jax.process_index()}", "disabled", lambda *_: None
+    else:
+        workdir_log = workdir
+    logger = RunLogger(workdir=workdir_log, config=config.to_dict(), mode=wandb_mode, job_type="train",
                        print_fn=print_fn, **identity)
     logger.set_summary({"params/total": counts["total"], "params/non_embedding": counts["non_embedding"]})
     print_fn(f"{identity['name']}: {model_cfg.kind}/{model_cfg.mixer} with {counts['total']:,} parameters "
-             f"({counts['non_embedding']:,} non-embedding), {tc.steps} steps of {batch}x{block} tokens")
+             f"({counts['non_embedding']:,} non-embedding), {tc.steps} steps of {batch}x{block} tokens "
+             f"({layout.num_devices} device(s) x {layout.per_device_batch} rows x {layout.grad_accum_steps} "
+             f"accumulation step(s))")
 
     # Compile ahead of the loop so that step times exclude compilation.
     t0 = time.perf_counter()
@@ -223,7 +254,8 @@ def train(config, *, workdir: str | pathlib.Path, exp_name: str = "run", data_di
     run_start = time.perf_counter()
     window_start, window_steps = time.perf_counter(), 0
     step = start_step
-    progress = tqdm(total=stop_at, initial=start_step, desc=identity["name"], dynamic_ncols=True, disable=None)
+    progress = tqdm(total=stop_at, initial=start_step, desc=identity["name"], dynamic_ncols=True,
+                    disable=None if is_main else True)
 
     def end_of_interval_eval(state, step):
         nonlocal best_val, last_val, sample

@@ -27,10 +27,15 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, *, dropout: float, seed: int):
+def make_train_step(graphdef, tx: optax.GradientTransformation, *, dropout: float, seed: int,
+                    grad_accum_steps: int = 1):
     """Returns train_step(state, x, y) -> (state, metrics), jitted with the state donated.
 
     Dropout keys are fold_in(seed, step), so a resumed run draws the same masks.
+    With grad_accum_steps = k > 1 the (B, T) batch is split into k microbatches
+    (rows i, i+k, i+2k, ... -- so each stays spread over every device of a
+    data-parallel mesh) whose gradients are averaged by a lax.scan: one
+    optimizer update equal to the full-batch one, at 1/k of the activation memory.
     """
     use_dropout = dropout > 0
     base_key = jax.random.key(seed)
@@ -41,9 +46,25 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, dropout: floa
         logits = model(x, deterministic=not use_dropout, rngs=rngs)  # (B, T, V)
         return cross_entropy(logits, y)
 
+    def loss_and_grads(params, x, y, key):
+        if grad_accum_steps == 1:
+            return jax.value_and_grad(loss_fn)(params, x, y, key)
+        k = grad_accum_steps
+        split = lambda a: a.reshape(a.shape[0] // k, k, *a.shape[1:]).swapaxes(0, 1)  # (k, B/k, T)
+
+        def accumulate(carry, micro):
+            loss_sum, grad_sum = carry
+            x_i, y_i, i = micro
+            loss, grads = jax.value_and_grad(loss_fn)(params, x_i, y_i, jax.random.fold_in(key, i))
+            return (loss_sum + loss, jax.tree_util.tree_map(jnp.add, grad_sum, grads)), None
+
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+        (loss_sum, grad_sum), _ = jax.lax.scan(accumulate, (jnp.zeros(()), zeros), (split(x), split(y), jnp.arange(k)))
+        return loss_sum / k, jax.tree_util.tree_map(lambda g: g / k, grad_sum)
+
     def train_step(state: TrainState, x, y):
         key = jax.random.fold_in(base_key, state.step)
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, x, y, key)
+        loss, grads = loss_and_grads(state.params, x, y, key)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "update_norm": optax.tree.norm(updates)}

@@ -1,0 +1,91 @@
+"""Benchmark configs: step time vs sequence length for attention and Grassmann mixing.
+
+`benchmark_scaling` (CPU, default): the mixers alone at d=256, r=32 (the
+paper's width ratio), T = 64..4096 at 4096 tokens per step, and the whole LM
+train step at the CPU-budget Shakespeare config (4 x 128, r=16, 768 tokens per
+step), T = 64..2048. About 5-8 minutes on a 2-core CPU.
+
+`benchmark_scaling_gpu`: bfloat16, bigger sizes (d=1024, T up to 16384 for the
+mixers; the GPU Shakespeare LM up to T=8192).
+
+Every knob is under `bench` and can be overridden, e.g.
+  python launch.py --exp=benchmark_scaling --config.bench.reps=3 --config.bench.lm_seq_lens=64,256
+"""
+
+import ml_collections
+
+from experiments import shakespeare
+
+
+def _bench(**changes) -> ml_collections.ConfigDict:
+    bench = dict(
+        dtype="float32",  # float32 | bfloat16 (mixer activations/weights and the LM compute dtype)
+        reps=5,  # timed calls per point (after warm-up); cut to min_reps for points slower than point_budget_s
+        min_reps=3,
+        warmup=1,  # untimed calls before timing (the first call also sizes reps)
+        point_budget_s=6.0,  # time budget per point for the timed calls
+        matmul_n=1024,  # the square matmul whose best rate is the MFU denominator
+        matmul_reps=10,
+        # --- mixer alone ---
+        run_mixers=True,
+        mixers=("attention_fused", "attention_explicit", "grassmann_reference", "grassmann"),
+        mixer_d=256,
+        mixer_rank=32,
+        mixer_heads=4,  # 4 heads of 64
+        mixer_offsets=(1, 2, 4, 8, 12, 16),
+        mixer_seq_lens=(64, 128, 256, 512, 1024, 2048, 4096),
+        mixer_tokens_per_step=4096,
+        # --- whole LM train step (model section below) ---
+        run_lm=True,
+        lm_mixers=("attention", "grassmann"),
+        lm_seq_lens=(64, 128, 256, 512, 1024, 2048),
+        lm_tokens_per_step=768,  # batch 12 x block 64, as the CPU Shakespeare runs
+        vocab_size=65,  # tiny Shakespeare's characters
+        # --- nnx split/merge in jax.jit vs nnx.jit + cached_partial, on the LM step ---
+        compare_nnx_jit=True,
+        nnx_jit_T=64,
+        nnx_jit_reps=20,
+        # --- where the ratios are read ---
+        ratio_T=256,  # grassmann_mix vs reference
+        lm_ratio_T=(256, 2048),  # Grassmann LM vs attention LM
+        flat_T=(512, 4096),  # flatness of Grassmann step time at constant tokens/step
+        targets=ml_collections.ConfigDict(dict(min_speedup_vs_reference=5.0, min_lm_speedup_long=2.0,
+                                               max_flatness=1.3)),
+    )
+    bench.update(changes)
+    return ml_collections.ConfigDict(bench)
+
+
+def benchmark_scaling() -> ml_collections.ConfigDict:
+    """CPU: model/train sections are the CPU-budget Shakespeare ones (4 layers, d=128, r=16, AdamW)."""
+    cfg = shakespeare.grassmann_shakespeare()  # default_config() + the CPU model; mixer is set per arm
+    cfg.bench = _bench()
+    cfg.wandb.tags = ("benchmark",)
+    return cfg
+
+
+def benchmark_scaling_gpu() -> ml_collections.ConfigDict:
+    """GPU: bfloat16, mixers at d=1024 (16 heads of 64), the GPU Shakespeare LM (6 x 384, r=32)."""
+    cfg = shakespeare.grassmann_shakespeare_gpu()
+    cfg.model.dropout = 0.0  # dropout changes nothing about the cost worth measuring; keeps runs comparable
+    cfg.bench = _bench(
+        dtype="bfloat16",
+        reps=20,
+        min_reps=5,
+        warmup=3,
+        point_budget_s=10.0,
+        matmul_n=8192,
+        matmul_reps=20,
+        mixer_d=1024,
+        mixer_heads=16,
+        mixer_seq_lens=(256, 512, 1024, 2048, 4096, 8192, 16384),
+        mixer_tokens_per_step=32768,
+        lm_seq_lens=(256, 512, 1024, 2048, 4096, 8192),
+        lm_tokens_per_step=16384,  # batch 64 x block 256
+        nnx_jit_T=256,
+        ratio_T=1024,
+        lm_ratio_T=(256, 8192),
+        flat_T=(1024, 16384),
+    )
+    cfg.wandb.tags = ("benchmark", "gpu")
+    return cfg
