@@ -11,7 +11,7 @@ from typing import Callable
 
 import ml_collections
 
-from experiments import shakespeare, wikitext
+from experiments import benchmarks, generation, shakespeare, wikitext
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,6 +36,12 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                shakespeare.compare_shakespeare, runner="compare"),
     Experiment("compare_shakespeare_gpu", "compare_shakespeare at the GPU recipe",
                shakespeare.compare_shakespeare_gpu, runner="compare"),
+    Experiment("benchmark_scaling", "step time, tokens/s, memory of each mixer and LM vs sequence length",
+               benchmarks.benchmark_scaling, runner="benchmark_scaling"),
+    Experiment("benchmark_scaling_gpu", "benchmark_scaling in bfloat16 at GPU sizes",
+               benchmarks.benchmark_scaling_gpu, runner="benchmark_scaling"),
+    Experiment("benchmark_generation", "streaming decode tokens/s and cache memory vs context, up to 8k",
+               generation.benchmark_generation, runner="benchmark_generation"),
     Experiment("paper_wikitext2_transformer_6l", "paper setting: Transformer, 6 layers, block 128, WikiText-2",
                wikitext.paper_wikitext2_transformer_6l),
     Experiment("paper_wikitext2_grassmann_6l", "paper setting: Grassmann, 6 layers, block 128, WikiText-2",

@@ -17,7 +17,7 @@ def benchmark_generation() -> ml_collections.ConfigDict:
         mixers=("attention", "grassmann"),
         contexts=(256, 1024, 2048, 4096, 8192),  # prompt lengths prefilled before decoding
         new_tokens=64,  # tokens decoded (timed) after each prefill
-        reps=3,  # timed repeats of the decode loop; the median is reported
+        reps=5,  # timed repeats of the decode loop (after one warm-up); the median is reported
         batch=1,
         vocab_size=65,  # tiny Shakespeare's characters; no data is read
         temperature=1.0,

@@ -31,3 +31,21 @@ __all__ = [
     "plucker_norm",
     "scaled_dot_product_attention",
 ]
+
+from grassjax.functional.decode import (
+    attention_step,
+    grassmann_mix_step,
+    grassmann_window_from_states,
+    grassmann_window_size,
+    init_grassmann_window,
+    push_grassmann_window,
+)
+
+__all__ += [
+    "attention_step",
+    "grassmann_mix_step",
+    "grassmann_window_from_states",
+    "grassmann_window_size",
+    "init_grassmann_window",
+    "push_grassmann_window",
+]

@@ -59,6 +59,43 @@ class CausalSelfAttention(nnx.Module):
         max_logit = jnp.max(jnp.where(F.causal_mask(T), logits, -jnp.inf), axis=(-2, -1))  # (B, H)
         return self.out(y.reshape(*lead, T, C)), {"weights": weights, "max_logit": max_logit}
 
+    # --- Streaming generation: a key/value cache, one token per call. ---
+
+    def _split_qkv(self, x):
+        """(..., C) -> q, k, v, each (..., H, D): the same fused projection as __call__."""
+        C = x.shape[-1]
+        qkv = self.qkv(x).reshape(*x.shape[:-1], 3, self.num_heads, C // self.num_heads)  # (..., 3, H, D)
+        return qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
+        """Empty cache: k, v (B, max_len, H, D) and pos, the number of positions filled (int32 scalar)."""
+        H = self.num_heads
+        D = self.qkv.out_features // (3 * H)
+        dtype = dtype or self.qkv.dtype or jnp.float32
+        zeros = jnp.zeros((batch, max_len, H, D), dtype)
+        return {"k": zeros, "v": zeros, "pos": jnp.zeros((), jnp.int32)}
+
+    def prefill(self, x: jax.Array, max_len: int):
+        """Causal attention over a whole prompt x (B, T, C), returning (y (B, T, C), cache sized max_len)."""
+        B, T, C = x.shape
+        if T > max_len:
+            raise ValueError(f"prompt length {T} exceeds the cache length max_len={max_len}")
+        q, k, v = self._split_qkv(x)  # (B, T, H, D)
+        y = F.scaled_dot_product_attention(q, k, v, causal=True)
+        cache = self.init_cache(B, max_len, k.dtype)
+        cache = {"k": cache["k"].at[:, :T].set(k), "v": cache["v"].at[:, :T].set(v),
+                 "pos": jnp.asarray(T, jnp.int32)}
+        return self.out(y.reshape(B, T, C)), cache
+
+    def decode(self, x_t: jax.Array, cache: dict):
+        """One position: x_t (B, C) at position cache["pos"] -> (y_t (B, C), cache with k_t, v_t added)."""
+        q, k, v = self._split_qkv(x_t)  # (B, H, D)
+        pos = cache["pos"]
+        write = lambda buf, new: jax.lax.dynamic_update_index_in_dim(buf, new.astype(buf.dtype), pos, axis=1)
+        k_cache, v_cache = write(cache["k"], k), write(cache["v"], v)  # (B, max_len, H, D)
+        y = F.attention_step(q, k_cache, v_cache, pos)  # (B, H, D); the mask hides rows > pos
+        return self.out(y.reshape(x_t.shape)), {"k": k_cache, "v": v_cache, "pos": pos + 1}
+
 
 class CausalGrassmannMixing(nnx.Module):
     """Causal Grassmann mixing (reduce, Plücker, project, gate), then an optional d x d projection."""
@@ -86,6 +123,33 @@ class CausalGrassmannMixing(nnx.Module):
         if self.out is not None:
             y = self.out(y)
         return (y, intermediates) if return_intermediates else y
+
+    # --- Streaming generation: only the last max(offsets) reduced states are kept. ---
+
+    def init_cache(self, batch: int, max_len: int | None = None, dtype=None) -> dict:
+        """Empty state: z (B, max(offsets), r) and pos (int32 scalar). max_len is unused: the size is constant."""
+        z = F.init_grassmann_window((batch,), self.offsets, self.reduce.out_features, dtype or self.dtype)
+        return {"z": z, "pos": jnp.zeros((), jnp.int32)}
+
+    def prefill(self, x: jax.Array, max_len: int | None = None):
+        """Mix a whole prompt x (B, T, C), returning (y (B, T, C), state after position T-1)."""
+        y, intermediates = self(x, return_intermediates=True)  # z comes out of the same computation
+        z = F.grassmann_window_from_states(intermediates["z"], self.offsets)  # (B, M, r)
+        return y, {"z": z, "pos": jnp.asarray(x.shape[-2], jnp.int32)}
+
+    def decode(self, x_t: jax.Array, cache: dict):
+        """One position: x_t (B, C) at position cache["pos"] -> (y_t (B, C), state with z_t pushed)."""
+        w_red, b_red = _weights(self.reduce, self.dtype)
+        w_plu, b_plu = _weights(self.plucker_proj, self.dtype)
+        w_gate, b_gate = _weights(self.gate, self.dtype)
+        y, z = F.grassmann_mix_step(
+            x_t.astype(self.dtype), cache["z"], cache["pos"],
+            w_red=w_red, b_red=b_red, w_plu=w_plu, b_plu=b_plu, w_gate=w_gate, b_gate=b_gate,
+            offsets=self.offsets, eps=self.eps,
+        )
+        if self.out is not None:
+            y = self.out(y)
+        return y, {"z": z, "pos": cache["pos"] + 1}
 
 
 class FeedForward(nnx.Module):
@@ -135,3 +199,26 @@ class Block(nnx.Module):
         else:
             h = self.norm1(x + drop(m))
         return self.norm2(h + ffn(h)), inter
+
+    # --- Streaming generation (inference only: dropout off). ---
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
+        return self.mixer.init_cache(batch, max_len, dtype)
+
+    def prefill(self, x: jax.Array, max_len: int):
+        """x (B, T, C) -> (out (B, T, C), mixer cache holding the prompt)."""
+        return self._inference(x, lambda h: self.mixer.prefill(h, max_len))
+
+    def decode(self, x_t: jax.Array, cache: dict):
+        """x_t (B, C) at position cache["pos"] -> (out (B, C), updated mixer cache)."""
+        return self._inference(x_t, lambda h: self.mixer.decode(h, cache))
+
+    def _inference(self, x, mix):
+        """__call__ with deterministic=True, the mixer call replaced by mix: h -> (m, cache)."""
+        if self.norm_placement == "pre":
+            m, cache = mix(self.norm1(x))
+            x = x + m
+            return x + self.ffn(self.norm2(x)), cache
+        m, cache = mix(x)
+        h = self.norm1(m) if self.mixer_kind == "grassmann" else self.norm1(x + m)  # see __call__
+        return self.norm2(h + self.ffn(h)), cache
