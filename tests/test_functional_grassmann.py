@@ -42,7 +42,10 @@ def test_plucker_norm_lagrange_identity():
     rng = np.random.default_rng(1)
     u, v = (jnp.asarray(rng.normal(size=(4, 32)), jnp.float32) for _ in range(2))
     np.testing.assert_allclose(F.plucker_norm(u, v), jnp.linalg.norm(F.plucker(u, v), axis=-1), rtol=1e-4)
-    np.testing.assert_allclose(F.plucker_norm(u, 2 * u), 0.0, atol=1e-3)  # parallel vectors span no plane
+    # Parallel vectors span no plane. In float32 the identity's cancellation leaves a residue of
+    # about sqrt(eps) * |u| |v|, so the bound is relative to that scale.
+    scale = jnp.linalg.norm(u, axis=-1) * jnp.linalg.norm(2 * u, axis=-1)
+    assert bool(jnp.all(F.plucker_norm(u, 2 * u) < 1e-3 * scale))
 
 
 def random_weights(key, d, r, dtype=jnp.float32, scale=1.0):
