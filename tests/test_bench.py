@@ -1,0 +1,90 @@
+"""The scaling benchmark end to end on tiny sizes (no timing assertions), and its timing helpers."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments.benchmarks import benchmark_scaling, benchmark_scaling_gpu
+from grassjax.bench import scaling, timing
+
+
+def _tiny_config():
+    cfg = benchmark_scaling()
+    cfg.model.update(num_layers=1, d_model=16, num_heads=2, d_ff=32, rank=4, offsets=(1, 2))
+    cfg.bench.update(
+        reps=2, min_reps=1, warmup=1, matmul_n=64, matmul_reps=2,
+        mixer_d=16, mixer_rank=4, mixer_heads=2, mixer_offsets=(1, 2), mixer_seq_lens=(16, 32),
+        mixer_tokens_per_step=64, lm_seq_lens=(16, 32), lm_tokens_per_step=32,
+        ratio_T=16, lm_ratio_T=(16, 32), flat_T=(16, 32), compare_nnx_jit=False, nnx_jit_T=16, nnx_jit_reps=2,
+    )
+    return cfg
+
+
+def test_scaling_benchmark_writes_results_ratios_and_plot(tmp_path):
+    results = scaling.run_scaling_benchmark(_tiny_config(), workdir=tmp_path, exp_name="bench_test",
+                                            wandb_mode="disabled")
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "scaling.png").stat().st_size > 0
+    for res in (results, on_disk):
+        assert {"machine", "matmul_peak", "rows", "ratios", "targets", "nnx_jit_comparison", "config"} <= set(res)
+        rows = res["rows"]
+        assert {(r["series"], r["mixer"], r["T"]) for r in rows} == (
+            {("mixer", m, T) for m in scaling.MIXERS for T in (16, 32)}
+            | {("lm", m, T) for m in scaling.LM_MIXERS for T in (16, 32)})
+        for r in rows:
+            assert r["step_ms"] > 0 and r["tokens_per_s"] > 0 and r["reps"] >= 1 and r["compile_s"] >= 0
+            assert r["p25_ms"] <= r["step_ms"] <= r["p75_ms"] and r["min_ms"] <= r["max_ms"]
+            assert r["tokens"] == r["batch"] * r["T"]
+            assert r["peak_mem_mib"] is None or r["peak_mem_mib"] > 0
+        lm = {(r["mixer"], r["T"]): r for r in rows if r["series"] == "lm"}
+        assert lm[("grassmann", 16)]["batch"] == 2 and lm[("grassmann", 32)]["batch"] == 1
+        ratios = res["ratios"]
+        assert ratios["grassmann_vs_reference_speedup"]["value"] > 0
+        assert ratios["lm_grassmann_over_attention_T16"]["value"] > 0
+        assert ratios["lm_grassmann_over_attention_T32"]["value"] > 0
+        assert ratios["grassmann_flatness"]["value"] >= 1.0
+        assert len(res["targets"]) == 4 and all(t["measured"] is not None for t in res["targets"])
+    assert (tmp_path / "metrics.jsonl").exists()
+
+
+def test_nnx_jit_comparison_runs():
+    cfg = _tiny_config()
+    cfg.bench.lm_mixers = ("grassmann",)
+    out = scaling.compare_nnx_jit(cfg, T=16, reps=2)
+    assert out["batch"] == 2 and out["grassmann"]["nnx_over_functional"] > 0
+
+
+def test_mixers_agree_with_each_other():
+    """The benchmarked callables compute what they claim: two attentions equal, two Grassmanns equal."""
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 24, 16)), jnp.float32)
+    outs = {}
+    for kind in scaling.MIXERS:
+        p = scaling.mixer_params(kind, 16, 4, seed=1)
+        outs[kind] = scaling.mixer_fn(kind, num_heads=2, offsets=(1, 2, 4))(x, p)
+    np.testing.assert_allclose(outs["attention_fused"], outs["attention_explicit"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(outs["grassmann"], outs["grassmann_reference"], rtol=1e-4, atol=1e-5)
+
+
+def test_timing_helpers():
+    f = jax.jit(lambda a: (a @ a).sum())
+    a = jnp.ones((32, 32))
+    comp = timing.compile_timed(f, a)
+    assert comp.lower_s >= 0 and comp.compile_s >= 0
+    t = timing.time_compiled(comp.executable, a, reps=3)
+    assert t.reps == 3 and t.min_s <= t.median_s <= t.max_s
+    assert timing.compiled_flops(comp.executable) == pytest.approx(2 * 32**3 + 32 * 32, rel=0.5)
+    mem, source = timing.peak_memory_bytes(comp.executable)
+    assert mem is None or mem > 0
+    assert source
+    peak = timing.measure_matmul_peak(64, reps=2)
+    assert peak.flops_per_s >= peak.median_flops_per_s > 0
+
+
+def test_gpu_config_is_consistent():
+    cfg = benchmark_scaling_gpu()
+    assert cfg.bench.dtype == "bfloat16" and cfg.bench.mixer_d % cfg.bench.mixer_heads == 0
+    assert cfg.bench.ratio_T in cfg.bench.mixer_seq_lens
+    assert all(t in cfg.bench.lm_seq_lens for t in cfg.bench.lm_ratio_T)
