@@ -124,7 +124,7 @@ def test_ctrl_c_saves_a_checkpoint_and_a_rerun_resumes(tmp_path, text_data_dir):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--exp=grassman_shakespeare"], "valid: bigram_shakespeare"),
+    (["--exp=grassman_shakespeare"], "grassmann_shakespeare, grassmann_shakespeare_gpu"),
     (["--exp=grassmann_shakespeare", "--config.train.stepz=5"], "unknown key; valid keys here:"),
     (["--exp=grassmann_shakespeare", "--config.train.steps=many"], "expected an integer"),
     (["--exp=grassmann_shakespeare", "--config.model.num_heads=3"], "divisible"),
