@@ -69,6 +69,7 @@ def resolve_config(name: str, overrides: dict[str, str]):
 def run_experiment(name: str, overrides: dict[str, str], *, workdir: str | None, data_dir: str | None,
                    wandb_mode: str | None):
     """Resolve and run one experiment; returns whatever its runner returns."""
+    from grassjax.baselines.runner import run_ngram_baselines
     from grassjax.bench.generation import run_generation_benchmark
     from grassjax.bench.scaling import run_scaling_benchmark
     from grassjax.train.compare import run_comparison
@@ -77,7 +78,7 @@ def run_experiment(name: str, overrides: dict[str, str], *, workdir: str | None,
     experiment, config = resolve_config(name, overrides)
     workdir = workdir or os.path.join("runs", name)
     runners = {"train": train, "compare": run_comparison, "benchmark_scaling": run_scaling_benchmark,
-               "benchmark_generation": run_generation_benchmark}
+               "benchmark_generation": run_generation_benchmark, "ngram": run_ngram_baselines}
     return runners[experiment.runner](config, workdir=workdir, exp_name=name, data_dir=data_dir,
                                       wandb_mode=wandb_mode)
 

@@ -32,6 +32,8 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                shakespeare.grassmann_shakespeare_gpu),
     Experiment("transformer_shakespeare_gpu", "Transformer at nanoGPT's GPU recipe (6x384, block 256)",
                shakespeare.transformer_shakespeare_gpu),
+    Experiment("ngram_shakespeare", "Kneser-Ney character n-grams, 0..5 characters of context (seconds, NumPy)",
+               shakespeare.ngram_shakespeare, runner="ngram"),
     Experiment("compare_shakespeare", "Grassmann vs matched Transformer, 3 seeds each, with report.md and plots",
                shakespeare.compare_shakespeare, runner="compare"),
     Experiment("compare_shakespeare_gpu", "compare_shakespeare at the GPU recipe",

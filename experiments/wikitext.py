@@ -65,5 +65,5 @@ def compare_wikitext2():
         "grassmann_paper": {"mixer": "grassmann", "norm": "post"},
     })
     cfg.compare = ml_collections.ConfigDict(dict(arms=("grassmann", "transformer"), seeds=1, paper_variant=False,
-                                                 baseline="transformer"))
+                                                 baseline="transformer", ngram_contexts=(1, 2)))
     return cfg

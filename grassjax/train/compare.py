@@ -8,13 +8,15 @@ overlays them.
 
 from __future__ import annotations
 
+import itertools
 import math
 import pathlib
-from typing import Callable
+from typing import Callable, Sequence
 
 import ml_collections
 import numpy as np
 
+from grassjax.baselines.runner import fit_ngram_lines
 from grassjax.train.loop import TrainResult, train
 from grassjax.train.run_logger import RunLogger
 
@@ -54,7 +56,9 @@ def summarise(results: dict[str, list[TrainResult]]) -> list[dict]:
     return rows
 
 
-def report_markdown(rows: list[dict], samples: dict[str, str], *, exp_name: str, steps: int, baseline: str) -> str:
+def report_markdown(rows: list[dict], samples: dict[str, str], *, exp_name: str, steps: int, baseline: str,
+                    ngram_rows: Sequence[dict] = ()) -> str:
+    """The report: one table row per arm, then one per n-gram reference model (no training columns)."""
     base = next(r for r in rows if r["arm"] == baseline)
     lines = [f"# {exp_name}: {', '.join(r['arm'] for r in rows)}", "",
              f"{steps} steps per run; mean ± std over seeds. Gap = relative to `{baseline}` "
@@ -69,6 +73,13 @@ def report_markdown(rows: list[dict], samples: dict[str, str], *, exp_name: str,
             f"{gap:+.2f}% | {r['bpc']:.3f} ± {r['bpc_std']:.3f} | {r['tokens_per_s']:,.0f} | "
             f"{r['step_time_ms']:.1f} | {r['step_memory_mb']:.1f} | {r['gflops_per_step']:.2f} | "
             f"{r['wall_time_s']:.0f} | {r['seeds']} |")
+    for r in ngram_rows:  # count-based references: same split, no parameters trained
+        gap = 100 * (r["val_loss"] / base["best_val_loss"] - 1)
+        lines.append(f"| {r['name']} | — | {r['val_loss']:.4f} | {gap:+.2f}% | {r['val_bpc']:.3f} | — | — | — | — | "
+                     f"{r['fit_s'] + r['score_s']:.1f} | — |")
+    if ngram_rows:
+        lines += ["", "n-gram rows: interpolated Kneser–Ney fitted on the training split and scored on every "
+                  "validation token (grassjax.baselines); drawn as dashed lines on the val-loss plot."]
     lines += ["", "Step memory and GFLOP/step are XLA's own analysis of the compiled train step; "
               "tokens/s and step time are medians over logging windows, compilation excluded.", ""]
     for arm, text in samples.items():
@@ -78,8 +89,10 @@ def report_markdown(rows: list[dict], samples: dict[str, str], *, exp_name: str,
     return "\n".join(lines)
 
 
-def plot_report(results: dict[str, list[TrainResult]], out: pathlib.Path) -> list[pathlib.Path]:
-    """val_loss.png (band over seeds), attention_entropy.png and grassmann_gate.png per layer."""
+def plot_report(results: dict[str, list[TrainResult]], out: pathlib.Path,
+                ngram_rows: Sequence[dict] = ()) -> list[pathlib.Path]:
+    """val_loss.png (band over seeds; n-gram references as horizontal lines), attention_entropy.png and
+    grassmann_gate.png per layer."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,6 +111,9 @@ def plot_report(results: dict[str, list[TrainResult]], out: pathlib.Path) -> lis
         steps = [h["step"] for h in runs[0].history[:length]]
         band(ax, steps, np.array([[h["val/loss"] for h in r.history[:length]] for r in runs]),
              f"{arm} ({len(runs)} seeds)")
+    for r, style in zip(ngram_rows, itertools.cycle([":", "--", "-."])):
+        ax.axhline(r["val_loss"], color="0.35", linestyle=style, linewidth=1,
+                   label=f"{r['order']}-gram KN ({r['val_loss']:.3f})")
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss (nats/char)")
     ax.set_title("validation loss, mean ± std over seeds")
@@ -159,22 +175,29 @@ def run_comparison(config, *, workdir, exp_name: str, data_dir: str | None = Non
                       wandb_mode=wandb_mode, print_fn=print_fn))
 
     rows = summarise(results)
+    # Count-based references on the same split (seconds of NumPy; none unless compare.ngram_contexts is set).
+    ngram_rows = fit_ngram_lines(config, contexts=config.compare.get("ngram_contexts", ()), data_dir=data_dir)
     report_dir = workdir / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
     samples = {arm: runs[0].sample for arm, runs in results.items()}
-    text = report_markdown(rows, samples, exp_name=exp_name, steps=config.train.steps, baseline=config.compare.baseline)
+    text = report_markdown(rows, samples, exp_name=exp_name, steps=config.train.steps, baseline=config.compare.baseline,
+                           ngram_rows=ngram_rows)
     (report_dir / "report.md").write_text(text)
-    plots = plot_report(results, report_dir)
+    plots = plot_report(results, report_dir, ngram_rows)
 
     columns = list(rows[0])
     with RunLogger(workdir=report_dir, project=config.wandb.project, name=f"{exp_name}-report", group=group,
                    tags=list(config.wandb.tags) + ["report"], config=config.to_dict(), mode=wandb_mode,
                    job_type="report", print_fn=print_fn) as logger:
         logger.log_table("comparison", columns, [[row[c] for c in columns] for row in rows], step=config.train.steps)
+        if ngram_rows:
+            ngram_columns = list(ngram_rows[0])
+            logger.log_table("ngram", ngram_columns, [[r[c] for c in ngram_columns] for r in ngram_rows],
+                             step=config.train.steps)
         logger.log_images({p.stem: _read_png(p) for p in plots}, step=config.train.steps)
     print_fn(text.split("\n## Sample")[0])
     print_fn(f"report written to {report_dir / 'report.md'}")
-    return {"rows": rows, "report_dir": str(report_dir)}
+    return {"rows": rows, "ngram_rows": ngram_rows, "report_dir": str(report_dir)}
 
 
 def _read_png(path: pathlib.Path) -> np.ndarray:
