@@ -25,6 +25,9 @@ VARIANTS = {
     "grassmann-per-layer-offsets": dict(mixer="grassmann", offsets=(1, 5), offsets_per_layer=True, num_layers=2),
     "grassmann-post-per-layer-no-outproj": dict(mixer="grassmann", norm="post", offsets=(3, 2),
                                                 offsets_per_layer=True, num_layers=2, grassmann_out_proj=False),
+    # The controls: windows (4, and 2 then 5) far shorter than the 24-token text, so the buffers roll over.
+    "sliding-window-pre": dict(mixer="sliding_window"),
+    "conv-post-per-layer": dict(mixer="conv", norm="post", offsets=(2, 5), offsets_per_layer=True, num_layers=2),
 }
 
 
@@ -81,7 +84,8 @@ def test_attention_step_equals_causal_attention_at_every_position():
     np.testing.assert_allclose(steps, full, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["attention-post", "grassmann-post-per-layer-no-outproj"])
+@pytest.mark.parametrize("name", ["attention-post", "grassmann-post-per-layer-no-outproj", "sliding-window-pre",
+                                  "conv-post-per-layer"])
 def test_teacher_forced_decode_logits_match_the_full_forward(name):
     model = _model(name)
     tokens = jax.random.randint(jax.random.key(3), (2, SMALL["block_size"]), 0, SMALL["vocab_size"], jnp.int32)
@@ -109,6 +113,7 @@ CASES = [  # (variant, sampling, prompt length): greedy and sampled, pre and pos
     ("attention-pre", GREEDY, 4), ("attention-post", SAMPLED, 4),
     ("grassmann-pre", GREEDY, 4), ("grassmann-post", TOP_K, 4),
     ("grassmann-per-layer-offsets", GREEDY, 1), ("grassmann-post-per-layer-no-outproj", SAMPLED, 2),
+    ("sliding-window-pre", SAMPLED, 3), ("conv-post-per-layer", GREEDY, 1),
 ]
 
 
@@ -185,3 +190,13 @@ def test_generation_benchmark_tiny_run_writes_results_and_plot(tmp_path):
     assert rows["grassmann", 8]["cache_bytes"] == rows["grassmann", 32]["cache_bytes"]
     assert rows["attention", 32]["cache_bytes"] == 4 * rows["attention", 8]["cache_bytes"] - 3 * 4  # + pos counter
     assert results["summary"] == saved["summary"]
+
+
+@pytest.mark.parametrize("name", ["sliding-window-pre", "conv-post-per-layer"])
+def test_control_mixer_state_size_is_independent_of_context(name):
+    sizes = {n: decoding.cache_bytes(_model(name), 2, n) for n in (1, 16, 8192)}
+    assert len(set(sizes.values())) == 1
+    if name == "sliding-window-pre":  # K and V for window + 1 = 5 positions, plus the position counter
+        assert sizes[1] == 2 * 2 * 5 * SMALL["d_model"] * 4 + 4
+    else:  # the last K - 1 = max(offset) inputs per layer: 2 and 5
+        assert sizes[1] == (2 + 5) * 2 * SMALL["d_model"] * 4 + 2 * 4

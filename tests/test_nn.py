@@ -19,6 +19,8 @@ VARIANTS = {
     "grassmann-per-layer-offsets": dict(mixer="grassmann", offsets=(1, 4), offsets_per_layer=True),
     "grassmann-post-per-layer": dict(mixer="grassmann", norm="post", offsets=(2, 3), offsets_per_layer=True),
     "grassmann-untied-no-outproj": dict(mixer="grassmann", tie_embeddings=False, grassmann_out_proj=False),
+    "sliding-window": dict(mixer="sliding_window"),  # window max(offsets) = 4 < T: the window really cuts
+    "conv-post-per-layer": dict(mixer="conv", norm="post", offsets=(2, 5), offsets_per_layer=True),
 }
 
 

@@ -49,3 +49,27 @@ __all__ += [
     "init_grassmann_window",
     "push_grassmann_window",
 ]
+
+from grassjax.functional.local import (
+    causal_conv_step,
+    causal_depthwise_conv,
+    conv_window_from_states,
+    init_conv_window,
+    init_kv_window,
+    kv_window_from_states,
+    sliding_window_attention,
+    sliding_window_attention_step,
+    sliding_window_mask,
+)
+
+__all__ += [
+    "causal_conv_step",
+    "causal_depthwise_conv",
+    "conv_window_from_states",
+    "init_conv_window",
+    "init_kv_window",
+    "kv_window_from_states",
+    "sliding_window_attention",
+    "sliding_window_attention_step",
+    "sliding_window_mask",
+]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-MIXERS = ("attention", "grassmann")
+MIXERS = ("attention", "grassmann", "sliding_window", "conv")
 NORM_PLACEMENTS = ("pre", "post")
 MODEL_KINDS = ("lm", "bigram")
 
@@ -15,7 +15,10 @@ class ModelConfig:
     """Architecture of a language model.
 
     kind: "lm" (embeddings + blocks) or "bigram" (a next-token lookup table).
-    mixer: "attention" or "grassmann" -- what mixes information across time.
+    mixer: what mixes information across time: "attention", "grassmann", or one of two local controls
+      that read the same span as a Grassmann layer, positions t - max(offsets) .. t of that layer:
+      "sliding_window" (causal attention over that span, window = max(offsets)) and "conv" (a causal
+      depthwise convolution with kernel max(offsets) + 1, then a d x d projection; attention-free).
     norm: "pre" = x + f(LN(x)) residual blocks (default; trains stably at depth);
       "post" = the paper's arrangement. For Grassmann that is
       ĥ = Dropout(LN(mix(x))), out = LN(ĥ + FFN(ĥ)), with no residual around the

@@ -152,6 +152,89 @@ class CausalGrassmannMixing(nnx.Module):
         return y, {"z": z, "pos": cache["pos"] + 1}
 
 
+class SlidingWindowAttention(CausalSelfAttention):
+    """Control mixer: causal self-attention that sees only the last `window` positions and its own.
+
+    Same projections (and so the same parameters) as CausalSelfAttention; query t attends to keys
+    t - window .. t, exactly the span a Grassmann layer with max(offsets) = window reads. Streaming
+    keeps a (B, window + 1, H, D) buffer per K and V instead of a cache that grows with the context.
+    No attention statistics are reported for it (its intermediates are None).
+    """
+
+    def __init__(self, cfg: ModelConfig, window: int, *, rngs: nnx.Rngs):
+        super().__init__(cfg, rngs=rngs)
+        self.window = int(window)
+
+    def __call__(self, x: jax.Array, *, return_intermediates: bool = False):
+        *lead, T, C = x.shape
+        q, k, v = self._split_qkv(x)  # (B, T, H, D)
+        y = self.out(F.sliding_window_attention(q, k, v, window=self.window).reshape(*lead, T, C))
+        return (y, None) if return_intermediates else y
+
+    def init_cache(self, batch: int, max_len: int | None = None, dtype=None) -> dict:
+        """Empty buffers k, v (B, window + 1, H, D) and pos (int32 scalar); max_len is unused."""
+        H = self.num_heads
+        D = self.qkv.out_features // (3 * H)
+        k, v = F.init_kv_window((batch,), self.window, H, D, dtype or self.qkv.dtype or jnp.float32)
+        return {"k": k, "v": v, "pos": jnp.zeros((), jnp.int32)}
+
+    def prefill(self, x: jax.Array, max_len: int | None = None):
+        """x (B, T, C) -> (y (B, T, C), buffers holding the last window + 1 keys and values)."""
+        B, T, C = x.shape
+        q, k, v = self._split_qkv(x)
+        y = self.out(F.sliding_window_attention(q, k, v, window=self.window).reshape(B, T, C))
+        # The buffers hold positions T - window - 1 .. T - 1 before the next push: window + 1 rows ending at T - 1.
+        k_win, v_win = F.kv_window_from_states(k, v, self.window)
+        return y, {"k": k_win, "v": v_win, "pos": jnp.asarray(T, jnp.int32)}
+
+    def decode(self, x_t: jax.Array, cache: dict):
+        """x_t (B, C) at position cache["pos"] -> (y_t (B, C), buffers with k_t, v_t pushed)."""
+        q, k, v = self._split_qkv(x_t)  # (B, H, D)
+        y, k_win, v_win = F.sliding_window_attention_step(q, k, v, cache["k"], cache["v"], cache["pos"])
+        return self.out(y.reshape(x_t.shape)), {"k": k_win, "v": v_win, "pos": cache["pos"] + 1}
+
+
+class CausalConvMixing(nnx.Module):
+    """Control mixer, attention-free: a causal depthwise convolution over time, then a d x d projection.
+
+    kernel (K, C) with K = max(offsets) + 1, so position t reads t - max(offsets) .. t like a Grassmann
+    layer, but with fixed per-channel weights instead of content-dependent ones; the projection mixes
+    channels (as the Grassmann layer's output projection does). Streaming keeps the last K - 1 inputs.
+    """
+
+    def __init__(self, cfg: ModelConfig, kernel_size: int, *, rngs: nnx.Rngs):
+        self.dtype = compute_dtype(cfg)
+        self.kernel = nnx.Param(nnx.initializers.normal(cfg.init_std)(rngs.params(), (kernel_size, cfg.d_model)))
+        self.bias = nnx.Param(jnp.zeros((cfg.d_model,))) if cfg.use_bias else None
+        self.out = dense(cfg, cfg.d_model, cfg.d_model, rngs=rngs)
+
+    def _weights(self):
+        bias = None if self.bias is None else self.bias[...].astype(self.dtype)
+        return self.kernel[...].astype(self.dtype), bias
+
+    def __call__(self, x: jax.Array, *, return_intermediates: bool = False):
+        kernel, bias = self._weights()
+        y = self.out(F.causal_depthwise_conv(x.astype(self.dtype), kernel=kernel, bias=bias))
+        return (y, None) if return_intermediates else y
+
+    def init_cache(self, batch: int, max_len: int | None = None, dtype=None) -> dict:
+        """Empty buffer x (B, K - 1, C) and pos (int32 scalar); max_len is unused."""
+        K, C = self.kernel.shape
+        return {"x": F.init_conv_window((batch,), K, C, dtype or self.dtype), "pos": jnp.zeros((), jnp.int32)}
+
+    def prefill(self, x: jax.Array, max_len: int | None = None):
+        """x (B, T, C) -> (y (B, T, C), buffer of the last K - 1 inputs)."""
+        x = x.astype(self.dtype)
+        window = F.conv_window_from_states(x, self.kernel.shape[0])
+        return self(x), {"x": window, "pos": jnp.asarray(x.shape[-2], jnp.int32)}
+
+    def decode(self, x_t: jax.Array, cache: dict):
+        """x_t (B, C) at position cache["pos"] -> (y_t (B, C), buffer with x_t pushed)."""
+        kernel, bias = self._weights()
+        y, window = F.causal_conv_step(x_t.astype(self.dtype), cache["x"], kernel=kernel, bias=bias)
+        return self.out(y), {"x": window, "pos": cache["pos"] + 1}
+
+
 class FeedForward(nnx.Module):
     """Position-wise MLP: C -> d_ff -> C with GELU, dropout on the output."""
 
@@ -165,7 +248,7 @@ class FeedForward(nnx.Module):
 
 
 class Block(nnx.Module):
-    """One layer: a time mixer (attention or Grassmann) and a feed-forward, pre- or post-norm."""
+    """One layer: a time mixer (attention, Grassmann or a local control) and a feed-forward, pre- or post-norm."""
 
     def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
         self.norm_placement = cfg.norm
@@ -174,6 +257,10 @@ class Block(nnx.Module):
         self.norm2 = layer_norm(cfg, rngs=rngs)
         if cfg.mixer == "attention":
             self.mixer = CausalSelfAttention(cfg, rngs=rngs)
+        elif cfg.mixer == "sliding_window":  # control: attention over the span a Grassmann layer reads
+            self.mixer = SlidingWindowAttention(cfg, max(cfg.layer_offsets(layer)), rngs=rngs)
+        elif cfg.mixer == "conv":  # control: attention-free, fixed weights over the same span
+            self.mixer = CausalConvMixing(cfg, max(cfg.layer_offsets(layer)) + 1, rngs=rngs)
         else:
             self.mixer = CausalGrassmannMixing(cfg, cfg.layer_offsets(layer), rngs=rngs)
         self.ffn = FeedForward(cfg, rngs=rngs)

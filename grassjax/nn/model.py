@@ -88,11 +88,15 @@ def analytic_param_count(cfg: ModelConfig) -> int:
     if cfg.kind == "bigram":
         return V * V
     linear = lambda i, o: i * o + b * o
-    if cfg.mixer == "attention":
-        mixer = linear(C, 3 * C) + linear(C, C)
-    else:
-        mixer = linear(C, r) + linear(F.num_plucker_coords(r), C) + linear(2 * C, C)
-        mixer += linear(C, C) if cfg.grassmann_out_proj else 0
-    block = mixer + linear(C, F_) + linear(F_, C) + 2 * 2 * C  # + two LayerNorms
+
+    def mixer(layer):
+        if cfg.mixer in ("attention", "sliding_window"):
+            return linear(C, 3 * C) + linear(C, C)
+        if cfg.mixer == "conv":  # (K, C) kernel + bias, then the d x d projection
+            return (max(cfg.layer_offsets(layer)) + 1) * C + b * C + linear(C, C)
+        grassmann = linear(C, r) + linear(F.num_plucker_coords(r), C) + linear(2 * C, C)
+        return grassmann + (linear(C, C) if cfg.grassmann_out_proj else 0)
+
+    ffn_and_norms = linear(C, F_) + linear(F_, C) + 2 * 2 * C  # + two LayerNorms
     head = 0 if cfg.tie_embeddings else V * C
-    return V * C + cfg.block_size * C + L * block + 2 * C + head
+    return V * C + cfg.block_size * C + sum(mixer(i) + ffn_and_norms for i in range(L)) + 2 * C + head
