@@ -24,11 +24,12 @@ def _bench(**changes) -> ml_collections.ConfigDict:
         min_reps=3,
         warmup=1,  # untimed calls before timing (the first call also sizes reps)
         point_budget_s=6.0,  # time budget per point for the timed calls
+        settle_max_s=0.5,  # points faster than this get an untimed call before each timed one (see scaling.py)
         matmul_n=1024,  # the square matmul whose best rate is the MFU denominator
         matmul_reps=10,
         # --- mixer alone ---
         run_mixers=True,
-        mixers=("attention_fused", "attention_explicit", "grassmann_reference", "grassmann"),
+        mixers=("attention", "attention_jax_nn", "attention_explicit", "grassmann_reference", "grassmann"),
         mixer_d=256,
         mixer_rank=32,
         mixer_heads=4,  # 4 heads of 64

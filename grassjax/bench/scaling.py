@@ -4,7 +4,10 @@ Two series, both at a constant number of tokens per step (batch = tokens / T):
 
 * **mixer alone** -- forward + backward (gradients for the parameters *and*
   the input, as inside a network) of one mixing layer of width d:
-    attention_fused     x @ W_qkv, `scaled_dot_product_attention` (-> jax.nn.dot_product_attention), @ W_out
+    attention           x @ W_qkv, `scaled_dot_product_attention` (the library path the LM runs:
+                        jax.nn.dot_product_attention, except plain causal attention on CPU, which
+                        runs the same maths heads-first), @ W_out
+    attention_jax_nn    the same with `jax.nn.dot_product_attention(..., is_causal=True)` called directly
     attention_explicit  the same with the explicit-softmax path (return_weights=True)
     grassmann_reference `grassmann_mix_reference` (one projection per offset)
     grassmann           `grassmann_mix` (wedge collapse: one projection)
@@ -50,7 +53,7 @@ from grassjax.train.run_logger import RunLogger
 from grassjax.train.step import TrainState, make_train_step
 
 MIB = 2**20
-MIXERS = ("attention_fused", "attention_explicit", "grassmann_reference", "grassmann")
+MIXERS = ("attention", "attention_jax_nn", "attention_explicit", "grassmann_reference", "grassmann")
 LM_MIXERS = ("attention", "grassmann")
 
 
@@ -82,15 +85,16 @@ def mixer_params(kind: str, d: int, r: int, seed: int = 0, dtype=jnp.float32) ->
 
 def mixer_fn(kind: str, *, num_heads: int, offsets: tuple[int, ...]) -> Callable:
     """mixer(x, params) -> (B, T, d) for one of MIXERS."""
-    if kind.startswith("attention"):
-        explicit = kind == "attention_explicit"
+    if kind in ("attention", "attention_jax_nn", "attention_explicit"):
 
         def attention(x, p):
             *lead, T, C = x.shape
             qkv = (x @ p["w_qkv"] + p["b_qkv"]).reshape(*lead, T, 3, num_heads, C // num_heads)
             q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-            if explicit:
+            if kind == "attention_explicit":
                 y = F.scaled_dot_product_attention(q, k, v, causal=True, return_weights=True)[0]
+            elif kind == "attention_jax_nn":
+                y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, causal=True)
             return y.reshape(*lead, T, C) @ p["w_out"] + p["b_out"]
@@ -116,40 +120,83 @@ def _adaptive_reps(first_call_s: float, reps: int, min_reps: int, budget_s: floa
     return int(max(min(reps, min_reps), min(reps, budget_s // first_call_s)))
 
 
-def _measure(jitted, args, *, reps: int, warmup: int, min_reps: int, budget_s: float, peak_flops: float,
-             tokens: int, stateful: bool = False) -> dict[str, Any]:
-    """Compile, then time; the common part of both series."""
-    comp = timing.compile_timed(jitted, *args)
-    exe = comp.executable
-    # One untimed call (also the first warm-up) tells how many reps fit the budget.
-    t0 = time.perf_counter()
-    if stateful:
-        state, aux = exe(*args)
-        jax.block_until_ready(aux)
-        args = (state,) + tuple(args[1:])
-    else:
-        jax.block_until_ready(exe(*args))
-    first = time.perf_counter() - t0
-    n = _adaptive_reps(first, reps, min_reps, budget_s)
-    if stateful:
-        t, _ = timing.time_stateful(exe, *args, reps=n, warmup=max(0, warmup - 1))
-    else:
-        t = timing.time_compiled(exe, *args, reps=n, warmup=max(0, warmup - 1))
-    flops = timing.compiled_flops(exe)
-    mem, mem_source = timing.peak_memory_bytes(exe)
-    static_mem = timing.compiled_memory(exe)
-    row = dict(
-        step_ms=1e3 * t.median_s, p25_ms=1e3 * t.p25_s, p75_ms=1e3 * t.p75_s, min_ms=1e3 * t.min_s,
-        max_ms=1e3 * t.max_s, reps=t.reps, first_call_ms=1e3 * first,
-        lower_s=comp.lower_s, compile_s=comp.compile_s,
-        tokens_per_s=tokens / t.median_s,
-        gflops_per_step=None if flops is None else flops / 1e9,
-        achieved_gflops_per_s=None if flops is None else flops / t.median_s / 1e9,
-        mfu=None if (flops is None or not peak_flops) else flops / t.median_s / peak_flops,
-        peak_mem_mib=None if mem is None else mem / MIB, peak_mem_source=mem_source,
-        temp_mem_mib=None if static_mem is None else static_mem["temp_bytes"] / MIB,
-    )
-    return row
+class _Point:
+    """One (series, mixer, T) measurement: compiled once, then called in rounds with the other points."""
+
+    def __init__(self, row: dict, jitted, args: tuple, *, stateful: bool):
+        self.row, self.jitted, self.args, self.stateful = row, jitted, tuple(args), stateful
+        self.samples: list[float] = []
+
+    def prepare(self, *, reps: int, warmup: int, min_reps: int, budget_s: float) -> None:
+        comp = timing.compile_timed(self.jitted, *self.args)
+        self.exe, self.compile = comp.executable, comp
+        t0 = time.perf_counter()
+        self._call()  # first call (also the first warm-up) sizes the number of reps
+        self.first_s = time.perf_counter() - t0
+        for _ in range(max(0, warmup - 1)):
+            self._call()
+        self.reps = _adaptive_reps(self.first_s, reps, min_reps, budget_s)
+
+    def _call(self):
+        if self.stateful:
+            state, aux = self.exe(*self.args)
+            jax.block_until_ready(aux)
+            self.args = (state,) + self.args[1:]
+        else:
+            jax.block_until_ready(self.exe(*self.args))
+
+    def timed_call(self, settle_max_s: float = 0.0) -> None:
+        if self.first_s <= settle_max_s:
+            self._call()  # untimed: lets caches and the allocator recover from the point timed before
+        t0 = time.perf_counter()
+        self._call()
+        self.samples.append(time.perf_counter() - t0)
+
+    def finish(self, peak_flops: float) -> dict:
+        t = timing.Timing.from_samples(self.samples)
+        exe, tokens = self.exe, self.row["tokens"]
+        flops = timing.compiled_flops(exe)
+        mem, mem_source = timing.peak_memory_bytes(exe)
+        static_mem = timing.compiled_memory(exe)
+        self.row.update(
+            step_ms=1e3 * t.median_s, p25_ms=1e3 * t.p25_s, p75_ms=1e3 * t.p75_s, min_ms=1e3 * t.min_s,
+            max_ms=1e3 * t.max_s, reps=t.reps, first_call_ms=1e3 * self.first_s,
+            lower_s=self.compile.lower_s, compile_s=self.compile.compile_s,
+            tokens_per_s=tokens / t.median_s,
+            gflops_per_step=None if flops is None else flops / 1e9,
+            achieved_gflops_per_s=None if flops is None else flops / t.median_s / 1e9,
+            mfu=None if (flops is None or not peak_flops) else flops / t.median_s / peak_flops,
+            peak_mem_mib=None if mem is None else mem / MIB, peak_mem_source=mem_source,
+            temp_mem_mib=None if static_mem is None else static_mem["temp_bytes"] / MIB,
+        )
+        self.exe = self.jitted = self.args = None  # free buffers before the next series
+        return self.row
+
+
+def _run_points(points: list[_Point], bc, *, peak_flops: float, print_fn=print) -> list[dict]:
+    """Compile and warm every point, then time them round-robin, one call each per round.
+
+    Interleaving spreads any drift in machine load (a shared CPU) over all
+    points alike, so ratios between points -- across T and across mixers --
+    are far steadier than with one point timed after another. Points that
+    take at most bench.settle_max_s get one untimed call right before each
+    timed one: without it, a short point timed just after a long, memory-heavy
+    one (attention at the largest T) reads 20-60% slow.
+    """
+    for p in points:
+        p.prepare(reps=int(bc.reps), warmup=int(bc.warmup), min_reps=int(bc.min_reps),
+                  budget_s=float(bc.point_budget_s))
+        r = p.row
+        print_fn(f"  compiled {r['series']} {r['mixer']} T={r['T']}: {p.compile.compile_s:.1f}s, "
+                 f"first call {1e3 * p.first_s:.1f} ms -> {p.reps} reps")
+    while any(len(p.samples) < p.reps for p in points):
+        for p in points:
+            if len(p.samples) < p.reps:
+                p.timed_call(float(bc.get("settle_max_s", 0.0)))
+    rows = [p.finish(peak_flops) for p in points]
+    for row in rows:
+        print_fn(_row_line(row))
+    return rows
 
 
 def bench_mixers(bc, *, peak_flops: float, print_fn=print) -> list[dict]:
@@ -158,7 +205,7 @@ def bench_mixers(bc, *, peak_flops: float, print_fn=print) -> list[dict]:
     offsets = tuple(int(o) for o in bc.mixer_offsets)
     if d % H:
         raise ValueError(f"bench.mixer_d ({d}) must be divisible by bench.mixer_heads ({H})")
-    rows = []
+    points = []
     for kind in bc.mixers:
         params = mixer_params(kind, d, r, 0, dtype)
         n_params = sum(int(p.size) for p in jax.tree_util.tree_leaves(params))
@@ -168,12 +215,8 @@ def bench_mixers(bc, *, peak_flops: float, print_fn=print) -> list[dict]:
             x = jnp.asarray(np.random.default_rng(1).standard_normal((B, T, d), np.float32), dtype)
             row = dict(series="mixer", mixer=kind, T=T, batch=B, tokens=B * T, d=d, rank=r, params=n_params,
                        tokens_constant=B * T == int(bc.mixer_tokens_per_step))
-            row.update(_measure(fn, (params, x), reps=int(bc.reps), warmup=int(bc.warmup), min_reps=int(bc.min_reps),
-                                budget_s=float(bc.point_budget_s), peak_flops=peak_flops, tokens=B * T))
-            rows.append(row)
-            print_fn(_row_line(row))
-            del x
-    return rows
+            points.append(_Point(row, fn, (params, x), stateful=False))
+    return _run_points(points, bc, peak_flops=peak_flops, print_fn=print_fn)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -202,20 +245,15 @@ def _lm_setup(config, mixer: str, T: int, B: int):
 
 def bench_lm(config, *, peak_flops: float, print_fn=print) -> list[dict]:
     bc = config.bench
-    rows = []
+    points = []
     for mixer in bc.lm_mixers:
         for T in sorted(int(t) for t in bc.lm_seq_lens):
             B = max(1, int(bc.lm_tokens_per_step) // T)
             mc, n_params, step, state, x, y = _lm_setup(config, mixer, T, B)
             row = dict(series="lm", mixer=mixer, T=T, batch=B, tokens=B * T, d=mc.d_model, rank=mc.rank,
                        layers=mc.num_layers, params=n_params, tokens_constant=B * T == int(bc.lm_tokens_per_step))
-            row.update(_measure(step, (state, x, y), reps=int(bc.reps), warmup=int(bc.warmup),
-                                min_reps=int(bc.min_reps), budget_s=float(bc.point_budget_s), peak_flops=peak_flops,
-                                tokens=B * T, stateful=True))
-            rows.append(row)
-            print_fn(_row_line(row))
-            del state, step
-    return rows
+            points.append(_Point(row, step, (state, x, y), stateful=True))
+    return _run_points(points, bc, peak_flops=peak_flops, print_fn=print_fn)
 
 
 def compare_nnx_jit(config, *, T: int, reps: int, print_fn=print) -> dict[str, Any]:
@@ -317,7 +355,7 @@ def compute_ratios(rows: list[dict], bc) -> dict[str, Any]:
         "T_range": [lo, hi], "source": source,
         "value": None if chosen is None else chosen["value"],
         "mixer_alone": mixer_flat, "lm": lm_flat,
-        "attention_mixer_alone": flatness("mixer", "attention_fused"),
+        "attention_mixer_alone": flatness("mixer", "attention"),
         "note": ("max/min Grassmann step time over T in range at constant tokens/step; "
                  + ("from the LM series" if source == "lm" else
                     "the LM series cannot keep tokens/step constant over this range (batch >= 1), so this is "
@@ -397,7 +435,7 @@ def format_summary(ratios: dict, targets: list[dict]) -> str:
                  f"{_fmt(ratios['grassmann_vs_reference_speedup']['flop_ratio'])}x")
     lines.append(f"flatness: {fl['note']}")
     if fl.get("attention_mixer_alone"):
-        lines.append(f"  (attention_fused mixer alone over the same range: {fl['attention_mixer_alone']['value']:.2f}x)")
+        lines.append(f"  (attention mixer alone over the same range: {fl['attention_mixer_alone']['value']:.2f}x)")
     return "\n".join(lines)
 
 

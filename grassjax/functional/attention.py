@@ -11,6 +11,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def causal_average(x: jax.Array) -> jax.Array:
@@ -82,7 +83,11 @@ def scaled_dot_product_attention(
         `jax.nn.dot_product_attention`, which picks fused kernels (cuDNN) where
         the backend has them.
       implementation: passed to `jax.nn.dot_product_attention` ("xla", "cudnn"
-        or None); ignored when return_weights is True.
+        or None); ignored when return_weights is True. With None, plain causal
+        self-attention on the CPU backend runs `_causal_attention_heads_first`
+        instead: the same maths as jax.nn's XLA path, laid out (B, H, T, D),
+        which XLA:CPU runs faster forward + backward (benchmark_scaling's
+        `attention` vs `attention_jax_nn` rows).
 
     Returns:
       out (..., T, H, D), or (out, weights) when return_weights is True.
@@ -96,6 +101,9 @@ def scaled_dot_product_attention(
     lead, H = q.shape[:-3], q.shape[-2]
     q4, k4, v4 = (a.reshape((-1,) + a.shape[-3:]) for a in (q, k, v))
     plain_causal = causal and mask is None and T == S  # lets the kernel build the mask itself
+    if plain_causal and implementation is None and jax.default_backend() == "cpu":
+        out = _causal_attention_heads_first(q4, k4, v4, scale)
+        return out.reshape(q.shape[:-1] + (v.shape[-1],))
     mask4 = None
     if full_mask is not None and not plain_causal:
         mask4 = jnp.broadcast_to(full_mask, lead + (H, T, S)).reshape((-1, H, T, S))
@@ -103,6 +111,28 @@ def scaled_dot_product_attention(
         q4, k4, v4, mask=mask4, scale=scale, is_causal=plain_causal, implementation=implementation
     )
     return out.reshape(q.shape[:-1] + (v.shape[-1],))
+
+
+def _causal_attention_heads_first(q, k, v, scale):
+    """Causal softmax attention on (B, T, H, D), computed in (B, H, T, D) layout.
+
+    Mirrors jax.nn.dot_product_attention's XLA implementation (logits in at
+    least float32, scaled after the product, masked with the same large
+    negative number, softmax in float32, probabilities cast to the value
+    dtype) but transposes to heads-first once, so that every product in the
+    forward and backward pass is a plain batched matmul over (B, H).
+    """
+    T, D = q.shape[-3], q.shape[-1]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    logits_dtype = jnp.promote_types(q.dtype, jnp.float32)
+    qh, kh, vh = (jnp.swapaxes(a, -3, -2) for a in (q, k, v))  # (B, H, T, D)
+    logits = jnp.einsum("bhtd,bhsd->bhts", qh, kh, preferred_element_type=logits_dtype)
+    logits = logits * jnp.asarray(scale, logits_dtype)
+    large_negative = jnp.asarray(-0.7 * jnp.finfo(logits_dtype).max, logits_dtype)
+    logits = jnp.where(np.tril(np.ones((T, T), dtype=bool)), logits, large_negative)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(k.dtype)
+    out = jnp.einsum("bhts,bhsd->bhtd", probs, vh)
+    return jnp.swapaxes(out, -3, -2)  # (B, T, H, D)
 
 
 def _explicit_attention(q, k, v, mask, scale):

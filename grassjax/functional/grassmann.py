@@ -30,6 +30,7 @@ Weight layout (x @ W convention, like Flax's Linear kernels):
 from __future__ import annotations
 
 import functools
+import math
 from typing import Sequence
 
 import jax
@@ -265,23 +266,34 @@ def grassmann_mix(
 
 @_jit_mixer
 def _wedge_collapse(h, *, w_red, b_red, w_plu, b_plu, w_gate, b_gate, offsets, eps, return_intermediates):
-    T = h.shape[-2]
-    z = h @ w_red + b_red  # (..., T, r)
+    # Everything but the time shifts is per position, so it runs on (N, ...) with N = batch x T rows: the
+    # same shapes (and the same XLA fusions, parallelised over N) whether the batch is 16 x 256 or 1 x 4096.
+    *lead, T, d = h.shape
+    n = math.prod(lead)
+    h2 = h.reshape(n * T, d)
+    z = h2 @ w_red + b_red  # (N, r)
+    r = z.shape[-1]
     acc = jnp.promote_types(z.dtype, jnp.float32)  # norms and w in >= float32: Lagrange cancels large terms
     z32 = z.astype(acc)
-    valid = offset_validity(offsets, T)  # (T, m), static
+    valid_t = offset_validity(offsets, T)  # (T, m), static
+    valid = np.tile(valid_t, (n, 1))  # (N, m)
     # All offsets at once (a handful of fused ops instead of a few per offset, forward and backward):
-    # partners[..., t, k, :] = z_{t - δ_k}, zero where t < δ_k.
-    partners = jnp.stack([_shift(z32, delta, axis=-2) for delta in offsets], axis=-2)  # (..., T, m, r)
+    # partners[row(b, t), k, :] = z_{b, t - δ_k}, zero where t < δ_k.
+    zt = z32.reshape(n, T, r)
+    partners = jnp.stack([_shift(zt, delta, axis=-2) for delta in offsets], axis=-2).reshape(n * T, len(offsets), r)
     # ‖z_t ∧ z_{t-δ}‖ by the Lagrange identity, as plucker_norm computes it.
-    sq = jnp.sum(z32 * z32, -1)[..., None] * jnp.sum(partners * partners, -1) - jnp.sum(z32[..., None, :] * partners, -1) ** 2
-    norm = _safe_sqrt(sq)  # (..., T, m)
-    w = jnp.sum(jnp.where(valid[..., None], partners / jnp.maximum(norm, eps)[..., None], 0.0), axis=-2)  # (..., T, r)
-    num_valid = valid.sum(axis=1)[:, None]  # (T, 1)
+    zz, pp = jnp.sum(z32 * z32, -1)[..., None], jnp.sum(partners * partners, -1)
+    sq = zz * pp - jnp.sum(z32[..., None, :] * partners, -1) ** 2
+    norm = _safe_sqrt(sq)  # (N, m)
+    w = jnp.sum(jnp.where(valid[..., None], partners / jnp.maximum(norm, eps)[..., None], 0.0), axis=-2)  # (N, r)
+    num_valid = valid.sum(axis=1)[:, None]  # (N, 1)
     w = w / np.maximum(num_valid, 1)
     g = plucker(z, w.astype(z.dtype)) @ w_plu + b_plu  # one projection for all offsets
     g = jnp.where(num_valid > 0, g, 0).astype(h.dtype)
-    out, alpha = _gate(h, g, w_gate, b_gate)
+    out, alpha = _gate(h2, g, w_gate, b_gate)
+    unflatten = lambda a: a.reshape(tuple(lead) + (T,) + a.shape[1:])
     if not return_intermediates:
-        return out
-    return out, dict(z=z, g=g, alpha=alpha, plucker_norm=jnp.where(valid, norm, 0.0), valid=jnp.asarray(valid), w=w)
+        return unflatten(out)
+    return unflatten(out), dict(z=unflatten(z), g=unflatten(g), alpha=unflatten(alpha),
+                                plucker_norm=unflatten(jnp.where(valid, norm, 0.0)), valid=jnp.asarray(valid_t),
+                                w=unflatten(w))
