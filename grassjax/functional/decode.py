@@ -60,6 +60,7 @@ def grassmann_mix_step(
     b_gate: jax.Array,
     offsets: Sequence[int],
     eps: float = 1e-6,
+    partner_mix: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """`grassmann_mix` at the single position `pos`, from the window of earlier reduced states.
 
@@ -71,7 +72,7 @@ def grassmann_mix_step(
       window: (..., M, r) reduced states z_{pos-M} .. z_{pos-1}, oldest first
         (M = max(offsets); rows before position 0 are ignored).
       pos: int scalar (may be traced), the position of h_t.
-      w_red ... b_gate, offsets, eps: as in `grassmann_mix`.
+      w_red ... b_gate, offsets, eps, partner_mix: as in `grassmann_mix`.
 
     Returns:
       (out_t (..., d), new window (..., M, r)) -- the window now ends with z_pos.
@@ -85,11 +86,14 @@ def grassmann_mix_step(
     z32 = z.astype(acc)
     w = jnp.zeros_like(z32)
     num_valid = jnp.zeros((), jnp.int32)
-    for delta in offsets:
+    for k, delta in enumerate(offsets):
         valid = pos >= delta  # the partner t - δ exists
         partner = window[..., M - delta, :].astype(acc)  # z_{pos-δ}, (..., r)
         norm = plucker_norm(z32, partner)  # (...,)
-        w = w + jnp.where(valid, partner / jnp.maximum(norm, eps)[..., None], 0.0)
+        scaled = partner / jnp.maximum(norm, eps)[..., None]
+        if partner_mix is not None:  # order-keeping variant: ẑ_{pos-δ} M_δ
+            scaled = scaled @ partner_mix[k].astype(acc)
+        w = w + jnp.where(valid, scaled, 0.0)
         num_valid = num_valid + valid.astype(jnp.int32)
     w = w / jnp.maximum(num_valid, 1).astype(acc)
     g = plucker(z, w.astype(z.dtype)) @ w_plu + b_plu  # one projection for all offsets

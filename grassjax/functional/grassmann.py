@@ -22,6 +22,17 @@ bilinear, so
 and one projection replaces |W| of them. The norms come from the Lagrange
 identity ‖u ∧ v‖² = ‖u‖²‖v‖² - (u·v)², O(r) instead of O(r²).
 
+Order-keeping variant (`partner_mix`, one r x r matrix M_δ per offset): the mean over offsets forgets
+which partner came from which offset -- z_t ∧ (ẑ_{t-1} + ẑ_{t-2}) cannot tell "a then b" from "b then a"
+once they are summed. Mixing each normalised partner by its own matrix before the sum,
+
+  w_t = mean_δ ẑ_{t-δ} M_δ,   ẑ_{t-δ} = z_{t-δ} / max(‖z_t ∧ z_{t-δ}‖, eps)   (row vectors, x @ M)
+
+keeps the collapse exact, because the wedge is linear in its second argument:
+mean_δ z_t ∧ (ẑ_{t-δ} M_δ) = z_t ∧ w_t, so it is still one projection. Each offset now writes into its
+own part of the Plücker space; with every M_δ = I it is the paper's layer. Cost: m r² extra
+parameters and an (m, r) x (r, r) product per position, small next to the r² d projection.
+
 Weight layout (x @ W convention, like Flax's Linear kernels):
   w_red (d, r), b_red (r,), w_plu (r(r-1)/2, d), b_plu (d,),
   w_gate (2d, d) acting on [h; g], b_gate (d,).
@@ -181,6 +192,7 @@ def grassmann_mix_reference(
     offsets: Sequence[int],
     eps: float = 1e-6,
     return_intermediates: bool = False,
+    partner_mix: jax.Array | None = None,
 ):
     """Causal Grassmann mixing, computed literally: every offset, explicit coordinates.
 
@@ -194,16 +206,27 @@ def grassmann_mix_reference(
         in the mean, as in the paper's {1, 2, 4, 8, 8, 8}.
       eps: floor on the Plücker norm before normalising.
       return_intermediates: also return a dict of intermediates.
+      partner_mix: optional (m, r, r), one matrix per entry of `offsets`: the order-keeping variant,
+        g_t^δ = W_plu (z_t ∧ z_{t-δ} M_δ) / max(‖z_t ∧ z_{t-δ}‖, eps) + b_plu (module docstring).
 
     Returns:
       out (..., T, d), or (out, intermediates) -- see `grassmann_mix`.
     """
+    offsets = _valid_offsets(offsets)
+    _check_partner_mix(partner_mix, offsets, w_red.shape[-1])
     return _reference(h, w_red=w_red, b_red=b_red, w_plu=w_plu, b_plu=b_plu, w_gate=w_gate, b_gate=b_gate,
-                      offsets=_valid_offsets(offsets), eps=eps, return_intermediates=return_intermediates)
+                      offsets=offsets, eps=eps, return_intermediates=return_intermediates, partner_mix=partner_mix)
+
+
+def _check_partner_mix(partner_mix, offsets, r):
+    if partner_mix is not None and tuple(partner_mix.shape) != (len(offsets), r, r):
+        raise ValueError(f"partner_mix must be (len(offsets), r, r) = {(len(offsets), r, r)}, "
+                         f"got {tuple(partner_mix.shape)}")
 
 
 @_jit_mixer
-def _reference(h, *, w_red, b_red, w_plu, b_plu, w_gate, b_gate, offsets, eps, return_intermediates):
+def _reference(h, *, w_red, b_red, w_plu, b_plu, w_gate, b_gate, offsets, eps, return_intermediates,
+               partner_mix=None):
     T = h.shape[-2]
     z = h @ w_red + b_red  # (..., T, r)
     valid = offset_validity(offsets, T)  # (T, m)
@@ -214,6 +237,9 @@ def _reference(h, *, w_red, b_red, w_plu, b_plu, w_gate, b_gate, offsets, eps, r
         p = plucker(z, _shift(z, delta, axis=-2)).astype(acc)  # (..., T, P)
         norm = _safe_sqrt(jnp.sum(p * p, axis=-1, keepdims=True))  # (..., T, 1)
         p_hat = p / jnp.maximum(norm, eps)
+        if partner_mix is not None:  # order-keeping variant: the plane of z_t and z_{t-δ} M_δ, same normaliser
+            mixed = _shift(z, delta, axis=-2).astype(acc) @ partner_mix[k].astype(acc)
+            p_hat = plucker(z.astype(acc), mixed) / jnp.maximum(norm, eps)
         g_delta = p_hat @ w_plu.astype(acc) + b_plu  # (..., T, d)
         g_sum = g_sum + jnp.where(valid[:, k : k + 1], g_delta, 0.0)
         norms.append(jnp.where(valid[:, k], norm[..., 0], 0.0))
@@ -237,6 +263,7 @@ def grassmann_mix(
     offsets: Sequence[int],
     eps: float = 1e-6,
     return_intermediates: bool = False,
+    partner_mix: jax.Array | None = None,
 ):
     """Causal Grassmann mixing via the wedge-collapse identity.
 
@@ -256,16 +283,21 @@ def grassmann_mix(
         plucker_norm (..., T, m) ‖z_t ∧ z_{t-δ}‖ per offset (0 where invalid),
         valid (T, m)             whether each offset is valid at t,
         w (..., T, r)            the collapsed partner w_t.
+      partner_mix: optional (m, r, r): the order-keeping variant, w_t = mean_δ ẑ_{t-δ} M_δ.
 
     Returns:
       out (..., T, d), or (out, intermediates).
     """
+    offsets = _valid_offsets(offsets)
+    _check_partner_mix(partner_mix, offsets, w_red.shape[-1])
     return _wedge_collapse(h, w_red=w_red, b_red=b_red, w_plu=w_plu, b_plu=b_plu, w_gate=w_gate, b_gate=b_gate,
-                           offsets=_valid_offsets(offsets), eps=eps, return_intermediates=return_intermediates)
+                           offsets=offsets, eps=eps, return_intermediates=return_intermediates,
+                           partner_mix=partner_mix)
 
 
 @_jit_mixer
-def _wedge_collapse(h, *, w_red, b_red, w_plu, b_plu, w_gate, b_gate, offsets, eps, return_intermediates):
+def _wedge_collapse(h, *, w_red, b_red, w_plu, b_plu, w_gate, b_gate, offsets, eps, return_intermediates,
+                    partner_mix=None):
     # Everything but the time shifts is per position, so it runs on (N, ...) with N = batch x T rows: the
     # same shapes (and the same XLA fusions, parallelised over N) whether the batch is 16 x 256 or 1 x 4096.
     *lead, T, d = h.shape
@@ -285,7 +317,10 @@ def _wedge_collapse(h, *, w_red, b_red, w_plu, b_plu, w_gate, b_gate, offsets, e
     zz, pp = jnp.sum(z32 * z32, -1)[..., None], jnp.sum(partners * partners, -1)
     sq = zz * pp - jnp.sum(z32[..., None, :] * partners, -1) ** 2
     norm = _safe_sqrt(sq)  # (N, m)
-    w = jnp.sum(jnp.where(valid[..., None], partners / jnp.maximum(norm, eps)[..., None], 0.0), axis=-2)  # (N, r)
+    scaled = partners / jnp.maximum(norm, eps)[..., None]  # ẑ_{t-δ}, (N, m, r)
+    if partner_mix is not None:  # order-keeping variant: ẑ_{t-δ} M_δ
+        scaled = jnp.einsum("nkr,krs->nks", scaled, partner_mix.astype(acc))
+    w = jnp.sum(jnp.where(valid[..., None], scaled, 0.0), axis=-2)  # (N, r)
     num_valid = valid.sum(axis=1)[:, None]  # (N, 1)
     w = w / np.maximum(num_valid, 1)
     g = plucker(z, w.astype(z.dtype)) @ w_plu + b_plu  # one projection for all offsets

@@ -8,6 +8,7 @@ from typing import Any, Mapping
 MIXERS = ("attention", "grassmann", "sliding_window", "conv")
 NORM_PLACEMENTS = ("pre", "post")
 MODEL_KINDS = ("lm", "bigram")
+PARTNER_MIXES = ("none", "per_offset")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,6 +29,10 @@ class ModelConfig:
       all of them; with True, layer i uses offsets[i] alone, which reads the
       paper's 12-entry schedule (1,1,2,2,...,16,16) as one offset per layer.
     rank: Grassmann reduced dimension r.
+    grassmann_partner_mix: "none" = the paper's layer (partners averaged over offsets); "per_offset" =
+      the order-keeping variant: each offset's normalised partner is mixed by its own r x r matrix
+      M_δ = I + A_δ (A_δ starts at 0, so training starts from the paper's layer and weight decay pulls
+      back towards it) before the average; still one projection (grassjax.functional.grassmann).
     grassmann_out_proj: a d x d projection after the gate. The paper does not
       describe it, but its parameter counts only add up with one per layer.
     init_std: std of the N(0, init_std) initialisation of every matrix.
@@ -46,6 +51,7 @@ class ModelConfig:
     offsets: tuple[int, ...] = (1, 2, 4, 8, 12, 16)
     offsets_per_layer: bool = False
     grassmann_out_proj: bool = True
+    grassmann_partner_mix: str = "none"
     grassmann_eps: float = 1e-6
     norm: str = "pre"
     dropout: float = 0.0
@@ -59,6 +65,8 @@ class ModelConfig:
         checks = [
             (self.kind in MODEL_KINDS, f"model.kind must be one of {MODEL_KINDS}, got {self.kind!r}"),
             (self.mixer in MIXERS, f"model.mixer must be one of {MIXERS}, got {self.mixer!r}"),
+            (self.grassmann_partner_mix in PARTNER_MIXES,
+             f"model.grassmann_partner_mix must be one of {PARTNER_MIXES}, got {self.grassmann_partner_mix!r}"),
             (self.norm in NORM_PLACEMENTS, f"model.norm must be one of {NORM_PLACEMENTS}, got {self.norm!r}"),
             (self.d_model % self.num_heads == 0,
              f"model.d_model ({self.d_model}) must be divisible by model.num_heads ({self.num_heads})"),

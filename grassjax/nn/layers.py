@@ -109,6 +109,16 @@ class CausalGrassmannMixing(nnx.Module):
         self.plucker_proj = dense(cfg, F.num_plucker_coords(r), d, rngs=rngs)  # W_plu, shared by all offsets
         self.gate = dense(cfg, 2 * d, d, rngs=rngs)  # W_gate acting on [h; g]
         self.out = dense(cfg, d, d, rngs=rngs) if cfg.grassmann_out_proj else None
+        # Order-keeping variant: M_δ = I + A_δ, one per offset; A = 0 at init is the paper's layer.
+        self.partner_mix = (nnx.Param(jnp.zeros((len(self.offsets), r, r)))
+                            if cfg.grassmann_partner_mix == "per_offset" else None)
+
+    def _partner_mix(self):
+        """(m, r, r) matrices M_δ, or None for the paper's layer."""
+        if self.partner_mix is None:
+            return None
+        a = self.partner_mix[...]
+        return (a + jnp.eye(a.shape[-1], dtype=a.dtype)).astype(self.dtype)
 
     def __call__(self, x: jax.Array, *, return_intermediates: bool = False):
         w_red, b_red = _weights(self.reduce, self.dtype)
@@ -118,6 +128,7 @@ class CausalGrassmannMixing(nnx.Module):
             x.astype(self.dtype),
             w_red=w_red, b_red=b_red, w_plu=w_plu, b_plu=b_plu, w_gate=w_gate, b_gate=b_gate,
             offsets=self.offsets, eps=self.eps, return_intermediates=return_intermediates,
+            partner_mix=self._partner_mix(),
         )
         y, intermediates = result if return_intermediates else (result, None)
         if self.out is not None:
@@ -145,7 +156,7 @@ class CausalGrassmannMixing(nnx.Module):
         y, z = F.grassmann_mix_step(
             x_t.astype(self.dtype), cache["z"], cache["pos"],
             w_red=w_red, b_red=b_red, w_plu=w_plu, b_plu=b_plu, w_gate=w_gate, b_gate=b_gate,
-            offsets=self.offsets, eps=self.eps,
+            offsets=self.offsets, eps=self.eps, partner_mix=self._partner_mix(),
         )
         if self.out is not None:
             y = self.out(y)

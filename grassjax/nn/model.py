@@ -95,6 +95,8 @@ def analytic_param_count(cfg: ModelConfig) -> int:
         if cfg.mixer == "conv":  # (K, C) kernel + bias, then the d x d projection
             return (max(cfg.layer_offsets(layer)) + 1) * C + b * C + linear(C, C)
         grassmann = linear(C, r) + linear(F.num_plucker_coords(r), C) + linear(2 * C, C)
+        if cfg.grassmann_partner_mix == "per_offset":  # one r x r matrix per offset of the layer
+            grassmann += len(cfg.layer_offsets(layer)) * r * r
         return grassmann + (linear(C, C) if cfg.grassmann_out_proj else 0)
 
     ffn_and_norms = linear(C, F_) + linear(F_, C) + 2 * 2 * C  # + two LayerNorms
