@@ -36,6 +36,9 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                shakespeare.ngram_shakespeare, runner="ngram"),
     Experiment("compare_shakespeare", "Grassmann vs matched Transformer, 3 seeds each, with report.md and plots",
                shakespeare.compare_shakespeare, runner="compare"),
+    Experiment("ablate_shakespeare", "ablation: offset sets, per-layer offsets, order-keeping variant, local "
+               "controls vs Transformer, with gaps, waterfall and n-gram lines", shakespeare.ablate_shakespeare,
+               runner="compare"),
     Experiment("compare_shakespeare_gpu", "compare_shakespeare at the GPU recipe",
                shakespeare.compare_shakespeare_gpu, runner="compare"),
     Experiment("benchmark_scaling", "step time, tokens/s, memory of each mixer and LM vs sequence length",

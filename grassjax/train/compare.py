@@ -9,6 +9,7 @@ overlays them.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import pathlib
 from typing import Callable, Sequence
@@ -56,32 +57,88 @@ def summarise(results: dict[str, list[TrainResult]]) -> list[dict]:
     return rows
 
 
-def report_markdown(rows: list[dict], samples: dict[str, str], *, exp_name: str, steps: int, baseline: str,
-                    ngram_rows: Sequence[dict] = ()) -> str:
-    """The report: one table row per arm, then one per n-gram reference model (no training columns)."""
-    base = next(r for r in rows if r["arm"] == baseline)
-    lines = [f"# {exp_name}: {', '.join(r['arm'] for r in rows)}", "",
-             f"{steps} steps per run; mean ± std over seeds. Gap = relative to `{baseline}` "
-             "(positive = worse than it).", "",
-             "| arm | params | best val loss | gap | bits/char | tokens/s | step (ms) | step memory (MiB) "
-             "| GFLOP/step | wall (s) | seeds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+def add_gaps(rows: list[dict], baseline: str) -> list[dict]:
+    """Each row plus its gap to the `baseline` arm: delta_loss (nats/token, positive = worse), its
+    perplexity ratio e^delta_loss, and gap_pct (relative loss difference, the older column)."""
+    base = next(r for r in rows if r["arm"] == baseline)["best_val_loss"]
+    return [dict(r, delta_loss=r["best_val_loss"] - base, ppl_ratio=math.exp(r["best_val_loss"] - base),
+                 gap_pct=100 * (r["best_val_loss"] / base - 1)) for r in rows]
+
+
+def describe_change(changes: dict) -> str:
+    """An arm's model changes as one short string: "offsets=(1, 2); offsets_per_layer=True"."""
+    return "; ".join(f"{k}={tuple(v) if isinstance(v, list) else v}" for k, v in changes.items()) or "(none)"
+
+
+def waterfall(rows: list[dict], *, reference: str, baseline: str, changes: dict[str, dict] | None = None) -> list[dict]:
+    """How much of the `reference` arm's gap to `baseline` each other arm closes.
+
+    gap = L(reference) - L(baseline), in nats/token (mean best val loss over seeds). For arm a,
+    closed = L(reference) - L(a) and closed_share = closed / gap: 0 = no better than the reference,
+    1 = all the way to the baseline, > 1 = beyond it, < 0 = worse than the reference. closed_se is the
+    standard error of `closed` from the seed spreads of both arms (0 with one seed).
+    """
+    by_arm = {r["arm"]: r for r in rows}
+    ref, base = by_arm[reference], by_arm[baseline]
+    gap = ref["best_val_loss"] - base["best_val_loss"]
+    out = []
     for r in rows:
-        gap = 100 * (r["best_val_loss"] / base["best_val_loss"] - 1)
+        closed = ref["best_val_loss"] - r["best_val_loss"]
+        se = math.sqrt(r["best_val_loss_std"] ** 2 / r["seeds"] + ref["best_val_loss_std"] ** 2 / ref["seeds"]) \
+            if r["arm"] != reference else 0.0
+        out.append(dict(arm=r["arm"], change=describe_change((changes or {}).get(r["arm"], {})),
+                        best_val_loss=r["best_val_loss"], delta_loss=r["best_val_loss"] - base["best_val_loss"],
+                        ppl_ratio=math.exp(r["best_val_loss"] - base["best_val_loss"]), closed=closed, closed_se=se,
+                        closed_share=closed / gap if gap != 0 else math.nan))
+    return out
+
+
+def waterfall_markdown(steps: list[dict], *, reference: str, baseline: str) -> str:
+    gap = next(s for s in steps if s["arm"] == baseline)["closed"]
+    lines = [f"## Waterfall: how much of the `{reference}` → `{baseline}` gap each arm closes", "",
+             f"Gap = L({reference}) − L({baseline}) = {gap:+.4f} nats/token (ppl ratio {math.exp(gap):.3f}). "
+             f"closed = L({reference}) − L(arm), ± its standard error over seeds; share = closed / gap "
+             "(1 = matches the baseline, negative = worse than the reference).", "",
+             "| arm | change from the base config | best val loss | Δ vs baseline | ppl ratio | closed (nats) "
+             "| share of gap closed |", "|---|---|---|---|---|---|---|"]
+    for s in steps:
+        lines.append(f"| {s['arm']} | {s['change']} | {s['best_val_loss']:.4f} | {s['delta_loss']:+.4f} | "
+                     f"{s['ppl_ratio']:.3f} | {s['closed']:+.4f} ± {s['closed_se']:.4f} | {100 * s['closed_share']:+.1f}% |")
+    return "\n".join(lines)
+
+
+def report_markdown(rows: list[dict], samples: dict[str, str], *, exp_name: str, steps: int, baseline: str,
+                    ngram_rows: Sequence[dict] = (), waterfall_steps: Sequence[dict] = (),
+                    waterfall_reference: str = "") -> str:
+    """The report: one table row per arm, then one per n-gram reference model (no training columns),
+    then the waterfall when one was computed."""
+    base = next(r for r in rows if r["arm"] == baseline)
+    rows = add_gaps(rows, baseline)
+    lines = [f"# {exp_name}: {', '.join(r['arm'] for r in rows)}", "",
+             f"{steps} steps per run; mean ± std over seeds. Gaps are to `{baseline}` (positive = worse than it): "
+             "Δ loss in nats/token, the perplexity ratio e^Δ, and the relative loss difference.", "",
+             "| arm | params | best val loss | Δ loss | ppl ratio | gap | bits/char | tokens/s | step (ms) "
+             "| step memory (MiB) | GFLOP/step | wall (s) | seeds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
         lines.append(
             f"| {r['arm']} | {r['params']:,} | {r['best_val_loss']:.4f} ± {r['best_val_loss_std']:.4f} | "
-            f"{gap:+.2f}% | {r['bpc']:.3f} ± {r['bpc_std']:.3f} | {r['tokens_per_s']:,.0f} | "
+            f"{r['delta_loss']:+.4f} | {r['ppl_ratio']:.3f} | {r['gap_pct']:+.2f}% | "
+            f"{r['bpc']:.3f} ± {r['bpc_std']:.3f} | {r['tokens_per_s']:,.0f} | "
             f"{r['step_time_ms']:.1f} | {r['step_memory_mb']:.1f} | {r['gflops_per_step']:.2f} | "
             f"{r['wall_time_s']:.0f} | {r['seeds']} |")
     for r in ngram_rows:  # count-based references: same split, no parameters trained
+        delta = r["val_loss"] - base["best_val_loss"]
         gap = 100 * (r["val_loss"] / base["best_val_loss"] - 1)
-        lines.append(f"| {r['name']} | — | {r['val_loss']:.4f} | {gap:+.2f}% | {r['val_bpc']:.3f} | — | — | — | — | "
-                     f"{r['fit_s'] + r['score_s']:.1f} | — |")
+        lines.append(f"| {r['name']} | — | {r['val_loss']:.4f} | {delta:+.4f} | {math.exp(delta):.3f} | {gap:+.2f}% | "
+                     f"{r['val_bpc']:.3f} | — | — | — | — | {r['fit_s'] + r['score_s']:.1f} | — |")
     if ngram_rows:
         lines += ["", "n-gram rows: interpolated Kneser–Ney fitted on the training split and scored on every "
                   "validation token (grassjax.baselines); drawn as dashed lines on the val-loss plot."]
     lines += ["", "Step memory and GFLOP/step are XLA's own analysis of the compiled train step; "
               "tokens/s and step time are medians over logging windows, compilation excluded.", ""]
+    if waterfall_steps:
+        lines += [waterfall_markdown(list(waterfall_steps), reference=waterfall_reference, baseline=baseline), ""]
     for arm, text in samples.items():
         lines += [f"## Sample: {arm} (seed 0, end of training)", "", "```", text.strip("\n"), "```", ""]
     lines += ["## Plots", "", "![val loss](val_loss.png)", "", "![attention entropy](attention_entropy.png)", "",
@@ -180,9 +237,21 @@ def run_comparison(config, *, workdir, exp_name: str, data_dir: str | None = Non
     report_dir = workdir / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
     samples = {arm: runs[0].sample for arm, runs in results.items()}
+    reference = config.compare.get("waterfall_reference", "")
+    waterfall_steps = []
+    if reference:  # ablations: how much of the reference arm's gap to the baseline each arm closes
+        if reference not in results or config.compare.baseline not in results:
+            raise ValueError(f"compare.waterfall_reference {reference!r} and compare.baseline "
+                             f"{config.compare.baseline!r} must both be among the arms run: {list(results)}")
+        waterfall_steps = waterfall(rows, reference=reference, baseline=config.compare.baseline,
+                          changes={arm: config.arms[arm].to_dict() for arm in results})
     text = report_markdown(rows, samples, exp_name=exp_name, steps=config.train.steps, baseline=config.compare.baseline,
-                           ngram_rows=ngram_rows)
+                           ngram_rows=ngram_rows, waterfall_steps=waterfall_steps, waterfall_reference=reference)
     (report_dir / "report.md").write_text(text)
+    (report_dir / "summary.json").write_text(json.dumps(
+        {"rows": add_gaps(rows, config.compare.baseline), "ngram_rows": ngram_rows, "waterfall": waterfall_steps,
+         "baseline": config.compare.baseline, "waterfall_reference": reference, "steps": config.train.steps},
+        indent=2))
     plots = plot_report(results, report_dir, ngram_rows)
 
     columns = list(rows[0])
@@ -194,10 +263,15 @@ def run_comparison(config, *, workdir, exp_name: str, data_dir: str | None = Non
             ngram_columns = list(ngram_rows[0])
             logger.log_table("ngram", ngram_columns, [[r[c] for c in ngram_columns] for r in ngram_rows],
                              step=config.train.steps)
+        if waterfall_steps:
+            waterfall_columns = list(waterfall_steps[0])
+            logger.log_table("waterfall", waterfall_columns,
+                             [[w[c] for c in waterfall_columns] for w in waterfall_steps],
+                             step=config.train.steps)
         logger.log_images({p.stem: _read_png(p) for p in plots}, step=config.train.steps)
     print_fn(text.split("\n## Sample")[0])
     print_fn(f"report written to {report_dir / 'report.md'}")
-    return {"rows": rows, "ngram_rows": ngram_rows, "report_dir": str(report_dir)}
+    return {"rows": rows, "ngram_rows": ngram_rows, "waterfall": waterfall_steps, "report_dir": str(report_dir)}
 
 
 def _read_png(path: pathlib.Path) -> np.ndarray:

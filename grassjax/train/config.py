@@ -85,6 +85,13 @@ def _parse_value(text: str, current, key: str):
             return float(text)
         if isinstance(current, str):
             return text
+        if isinstance(current, (tuple, list)) and current and isinstance(current[0], str):
+            # A list of names (e.g. --config.compare.arms=grassmann,transformer): no quotes needed.
+            text = text.strip()
+            if text.startswith(("(", "[")):
+                value = ast.literal_eval(text)
+                return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+            return tuple(part.strip() for part in text.split(",") if part.strip())
         if isinstance(current, (tuple, list)):
             value = ast.literal_eval(text if text.strip().startswith(("(", "[")) else f"({text},)")
             value = tuple(value) if isinstance(value, (tuple, list)) else (value,)
@@ -133,7 +140,14 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"--config.data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
     variants = {"model": {}}
     if "arms" in cfg:  # comparison configs: each arm overrides some model fields
-        variants.update({f"arms.{name}": arm.to_dict() for name, arm in cfg.arms.items()})
+        # Only the arms that will run: a screening override (say model.num_layers=2) need not suit the others.
+        selected = list(cfg.arms.keys())
+        if "compare" in cfg:
+            selected = list(cfg.compare.arms) + (["grassmann_paper"] if cfg.compare.get("paper_variant") else [])
+        unknown = [name for name in selected if name not in cfg.arms]
+        if unknown:
+            raise ConfigError(f"--config.compare.arms: unknown arm(s) {unknown}; defined: {', '.join(cfg.arms.keys())}")
+        variants.update({f"arms.{name}": cfg.arms[name].to_dict() for name in selected})
     for where, changes in variants.items():
         try:
             ModelConfig.from_mapping({**cfg.model.to_dict(), **changes, "block_size": cfg.data.block_size})
