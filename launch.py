@@ -74,11 +74,13 @@ def run_experiment(name: str, overrides: dict[str, str], *, workdir: str | None,
     from grassjax.bench.scaling import run_scaling_benchmark
     from grassjax.train.compare import run_comparison
     from grassjax.train.loop import train
+    from grassjax.train.tune import run_tuning
 
     experiment, config = resolve_config(name, overrides)
     workdir = workdir or os.path.join("runs", name)
     runners = {"train": train, "compare": run_comparison, "benchmark_scaling": run_scaling_benchmark,
-               "benchmark_generation": run_generation_benchmark, "ngram": run_ngram_baselines}
+               "benchmark_generation": run_generation_benchmark, "ngram": run_ngram_baselines,
+               "tune": run_tuning}
     return runners[experiment.runner](config, workdir=workdir, exp_name=name, data_dir=data_dir,
                                       wandb_mode=wandb_mode)
 
@@ -99,6 +101,7 @@ def main(argv):
     from grassjax.train.config import ConfigError
     from grassjax.train.loop import NonFiniteLossError
     from grassjax.train.run_logger import WandbCredentialsError
+    from grassjax.train.tune import MissingExtraError
 
     from grassjax.train.parallel import initialize_distributed
 
@@ -109,7 +112,8 @@ def main(argv):
             return
         run_experiment(FLAGS.exp, _overrides, workdir=FLAGS.workdir, data_dir=FLAGS.data_dir,
                        wandb_mode=FLAGS.wandb_mode)
-    except (experiments.UnknownExperimentError, ConfigError, DataError, WandbCredentialsError) as err:
+    except (experiments.UnknownExperimentError, ConfigError, DataError, WandbCredentialsError,
+            MissingExtraError) as err:
         fail(str(err))
     except NonFiniteLossError as err:
         fail(str(err), code=1)

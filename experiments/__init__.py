@@ -39,6 +39,8 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
     Experiment("ablate_shakespeare", "ablation: offset sets, per-layer offsets, order-keeping variant, local "
                "controls vs Transformer, with gaps, waterfall and n-gram lines", shakespeare.ablate_shakespeare,
                runner="compare"),
+    Experiment("tune_shakespeare", "Optuna learning-rate search, persistent SQLite study with pruning "
+               "(pip install -e .[tune])", shakespeare.tune_shakespeare, runner="tune"),
     Experiment("compare_shakespeare_gpu", "compare_shakespeare at the GPU recipe",
                shakespeare.compare_shakespeare_gpu, runner="compare"),
     Experiment("benchmark_scaling", "step time, tokens/s, memory of each mixer and LM vs sequence length",

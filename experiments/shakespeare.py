@@ -123,6 +123,25 @@ def ablate_shakespeare():
     return cfg
 
 
+def tune_shakespeare():
+    """Learning-rate search for the Grassmann LM (or any mixer: --config.model.mixer=attention) with Optuna.
+
+    A persistent study in <workdir>/study.db: rerun the command to continue it. Needs pip install -e .[tune].
+    """
+    cfg = _cpu("grassmann")
+    cfg.tune = ml_collections.ConfigDict(dict(
+        n_trials=20,  # trials to finish (complete or pruned), counted over every invocation of the study
+        lr_min=1e-4, lr_max=3e-2,  # log-uniform search range for train.learning_rate
+        min_lr_ratio=0.1,  # train.min_lr = learning_rate x this (the default recipe's 1e-3 -> 1e-4)
+        prune=True,  # median pruning after each evaluation
+        startup_trials=4,  # random trials before TPE takes over, and before pruning starts
+        prune_warmup_steps=500,  # never prune before this step
+        seed=0,
+        study_name="",  # default: the experiment name
+    ))
+    return cfg
+
+
 def compare_shakespeare_gpu():
     cfg = compare_shakespeare()
     gpu = _gpu("grassmann")

@@ -148,8 +148,14 @@ def _wandb_identity(config, exp_name: str) -> dict[str, Any]:
 
 
 def train(config, *, workdir: str | pathlib.Path, exp_name: str = "run", data_dir: str | None = None,
-          wandb_mode: str | None = None, print_fn: Callable[[str], None] = print) -> TrainResult:
-    """Train `config` (an experiment ConfigDict) in `workdir`, resuming from its latest checkpoint."""
+          wandb_mode: str | None = None, print_fn: Callable[[str], None] = print,
+          on_eval: Callable[[int, dict[str, float]], bool] | None = None) -> TrainResult:
+    """Train `config` (an experiment ConfigDict) in `workdir`, resuming from its latest checkpoint.
+
+    on_eval(step, metrics), if given, runs after every evaluation; returning True stops training there
+    (checkpoint saved, W&B run finished normally, result.final_step < steps). Hyperparameter search uses
+    it to report intermediate losses and prune.
+    """
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     tc = config.train
@@ -304,6 +310,9 @@ def train(config, *, workdir: str | pathlib.Path, exp_name: str = "run", data_di
                 if step % tc.eval_every == 0 or step == tc.steps:
                     end_of_interval_eval(state, step)
                     window_start, window_steps = time.perf_counter(), 0  # eval time is not step time
+                    if on_eval is not None and on_eval(step, history[-1]) and step < stop_at:
+                        print_fn(f"stopping at step {step}: requested after evaluation")
+                        break
                 if step % tc.checkpoint_every == 0 and step < stop_at:
                     check_finite(metrics, step)  # never save a diverged state
                     checkpointer.save(state)

@@ -1,0 +1,53 @@
+"""Learning-rate search: persistent study, pruning, resuming an interrupted trial, the missing-extra message."""
+
+import json
+import sys
+
+import pytest
+
+from tests.test_train import run
+
+
+def test_missing_optuna_names_the_extra(monkeypatch):
+    from grassjax.train import tune
+
+    monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna -> ImportError
+    with pytest.raises(tune.MissingExtraError, match=r"pip install -e \.\[tune\]"):
+        tune.import_optuna()
+
+
+def test_study_prunes_resumes_interrupted_trials_and_continues(tmp_path, text_data_dir):
+    optuna = pytest.importorskip("optuna")
+    from optuna.distributions import FloatDistribution
+    from optuna.trial import TrialState
+
+    workdir = tmp_path / "tune"
+    workdir.mkdir()
+    storage = f"sqlite:///{workdir / 'study.db'}"
+    study = optuna.create_study(study_name="tune_shakespeare", storage=storage, direction="minimize")
+    # A trial an earlier invocation left running (killed): it must be closed and its learning rate rerun
+    # in its own folder.
+    stale = study.ask({"learning_rate": FloatDistribution(1e-6, 1e-1, log=True)})
+    stale.set_user_attr("workdir", str(workdir / "trials" / "killed"))
+    # Then a good learning rate, and one so small it learns nothing: the pruner must stop it.
+    study.enqueue_trial({"learning_rate": 1e-2})
+    study.enqueue_trial({"learning_rate": 1e-6})
+    del study
+
+    tiny = dict(tune__lr_min=1e-6, tune__lr_max=1e-1, tune__startup_trials=1, tune__prune_warmup_steps=0,
+                train__steps=8, train__eval_every=2, stats__enabled=False, train__sample_tokens=4)
+    result = run("tune_shakespeare", workdir, text_data_dir, tune__n_trials=3, **tiny)
+    trials = {r["number"]: r for r in result["rows"]}
+    assert trials[0]["state"] == "FAIL"  # the stale one, closed
+    assert trials[1]["state"] == "COMPLETE" and trials[1]["learning_rate"] == 1e-2
+    assert trials[2]["state"] == "PRUNED" and trials[2]["final_step"] < 8  # 1e-6 falls behind the median
+    assert trials[3]["learning_rate"] == trials[0]["learning_rate"] and trials[3]["workdir"].endswith("killed")
+    assert (workdir / "trials" / "killed" / "result.json").exists()
+
+    # Rerunning with a larger budget continues the same study: one more trial, nothing redone.
+    again = run("tune_shakespeare", workdir, text_data_dir, tune__n_trials=4, **tiny)
+    assert len(again["rows"]) == 5 and again["rows"][4]["state"] in ("COMPLETE", "PRUNED")
+    assert sum(r["state"] in ("COMPLETE", "PRUNED") for r in again["rows"]) == 4
+    saved = json.loads((workdir / "tune.json").read_text())
+    assert saved["best"]["value"] == min(r["best_val_loss"] for r in again["rows"] if r["state"] == "COMPLETE")
+    assert "| trial | state | learning rate |" in (workdir / "tune.md").read_text()
