@@ -101,6 +101,8 @@ ABLATION_ARMS = {
     # same offsets as offsets_1_2_4_8, but one per layer instead of all in every layer.
     "offset_per_layer": {"mixer": "grassmann", "offsets": (1, 2, 4, 8), "offsets_per_layer": True},
     "partner_mix": {"mixer": "grassmann", "grassmann_partner_mix": "per_offset"},  # order-keeping variant
+    # Its control: one weight per offset, no order information (see ModelConfig.grassmann_partner_mix).
+    "offset_weights": {"mixer": "grassmann", "grassmann_partner_mix": "per_offset_scalar"},
     "sliding_window": {"mixer": "sliding_window"},  # attention over t-16 .. t: locality with content weights
     "conv": {"mixer": "conv"},  # depthwise conv, kernel 17: locality with fixed weights, attention-free
     "transformer": {"mixer": "attention"},

@@ -23,6 +23,7 @@ def test_ablation_config_has_every_arm_and_each_is_a_valid_model():
         {(1,), (1, 2), (1, 2, 4, 8), (1, 2, 4, 8, 12, 16)}
     assert arms["offset_per_layer"].offsets_per_layer and len(arms["offset_per_layer"].offsets) == 4
     assert arms["partner_mix"].grassmann_partner_mix == "per_offset"
+    assert arms["offset_weights"].grassmann_partner_mix == "per_offset_scalar"
     assert {a.mixer for a in arms.values()} == {"grassmann", "sliding_window", "conv", "attention"}
     assert cfg.compare.baseline == "transformer" and len(cfg.compare.ngram_contexts) > 0
     # Screening: a list of arm names needs no quotes on the command line.

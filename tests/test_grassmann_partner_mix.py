@@ -146,6 +146,16 @@ def test_model_option_param_count_and_paper_behaviour_at_init():
         ModelConfig(grassmann_partner_mix="full")
 
 
+def test_scalar_control_is_a_weighted_mean_of_partners():
+    # M_δ = (1 + s_δ) I: the same as passing those scaled identities, and (with s = 0) the paper's layer.
+    cfg = ModelConfig(**SMALL, grassmann_partner_mix="per_offset_scalar")
+    assert param_counts(nnx.eval_shape(lambda: build_model(cfg)))["total"] == analytic_param_count(cfg) == \
+        analytic_param_count(cfg.replace(grassmann_partner_mix="none")) + 2 * 3
+    mixer = build_model(cfg, seed=0).blocks[0].mixer
+    mixer.partner_mix[...] = jnp.array([0.5, -0.25, 2.0])
+    np.testing.assert_allclose(mixer._partner_mix(), jnp.array([1.5, 0.75, 3.0])[:, None, None] * jnp.eye(4))
+
+
 def test_model_is_causal_and_streaming_matches_full_recompute():
     model = _perturbed_model()
     forward = jax.jit(lambda t: model(t))

@@ -8,7 +8,7 @@ from typing import Any, Mapping
 MIXERS = ("attention", "grassmann", "sliding_window", "conv")
 NORM_PLACEMENTS = ("pre", "post")
 MODEL_KINDS = ("lm", "bigram")
-PARTNER_MIXES = ("none", "per_offset")
+PARTNER_MIXES = ("none", "per_offset", "per_offset_scalar")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,6 +33,9 @@ class ModelConfig:
       the order-keeping variant: each offset's normalised partner is mixed by its own r x r matrix
       M_δ = I + A_δ (A_δ starts at 0, so training starts from the paper's layer and weight decay pulls
       back towards it) before the average; still one projection (grassjax.functional.grassmann).
+      "per_offset_scalar" = its control: M_δ = (1 + s_δ) I, one learned weight per offset (s starts at 0).
+      It can re-weight offsets but, like the paper's mean, cannot tell which partner came from where; if
+      it closes as much of the gap as "per_offset", keeping the order is not what helped.
     grassmann_out_proj: a d x d projection after the gate. The paper does not
       describe it, but its parameter counts only add up with one per layer.
     init_std: std of the N(0, init_std) initialisation of every matrix.

@@ -109,16 +109,21 @@ class CausalGrassmannMixing(nnx.Module):
         self.plucker_proj = dense(cfg, F.num_plucker_coords(r), d, rngs=rngs)  # W_plu, shared by all offsets
         self.gate = dense(cfg, 2 * d, d, rngs=rngs)  # W_gate acting on [h; g]
         self.out = dense(cfg, d, d, rngs=rngs) if cfg.grassmann_out_proj else None
-        # Order-keeping variant: M_δ = I + A_δ, one per offset; A = 0 at init is the paper's layer.
-        self.partner_mix = (nnx.Param(jnp.zeros((len(self.offsets), r, r)))
-                            if cfg.grassmann_partner_mix == "per_offset" else None)
+        # Order-keeping variant: M_δ = I + A_δ, one per offset (A: (m, r, r)), or its scalar control
+        # M_δ = (1 + s_δ) I (s: (m,)); zeros at init, so training starts from the paper's layer.
+        shapes = {"per_offset": (len(self.offsets), r, r), "per_offset_scalar": (len(self.offsets),)}
+        mix_shape = shapes.get(cfg.grassmann_partner_mix)
+        self.partner_mix = nnx.Param(jnp.zeros(mix_shape)) if mix_shape else None
+        self.rank = r
 
     def _partner_mix(self):
         """(m, r, r) matrices M_δ, or None for the paper's layer."""
         if self.partner_mix is None:
             return None
         a = self.partner_mix[...]
-        return (a + jnp.eye(a.shape[-1], dtype=a.dtype)).astype(self.dtype)
+        eye = jnp.eye(self.rank, dtype=a.dtype)
+        m = eye + a if a.ndim == 3 else (1 + a)[:, None, None] * eye
+        return m.astype(self.dtype)
 
     def __call__(self, x: jax.Array, *, return_intermediates: bool = False):
         w_red, b_red = _weights(self.reduce, self.dtype)

@@ -97,6 +97,8 @@ def analytic_param_count(cfg: ModelConfig) -> int:
         grassmann = linear(C, r) + linear(F.num_plucker_coords(r), C) + linear(2 * C, C)
         if cfg.grassmann_partner_mix == "per_offset":  # one r x r matrix per offset of the layer
             grassmann += len(cfg.layer_offsets(layer)) * r * r
+        elif cfg.grassmann_partner_mix == "per_offset_scalar":  # one weight per offset
+            grassmann += len(cfg.layer_offsets(layer))
         return grassmann + (linear(C, C) if cfg.grassmann_out_proj else 0)
 
     ffn_and_norms = linear(C, F_) + linear(F_, C) + 2 * 2 * C  # + two LayerNorms
