@@ -174,7 +174,11 @@ def plot_report(results: dict[str, list[TrainResult]], out: pathlib.Path,
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss (nats/char)")
     ax.set_title("validation loss, mean ± std over seeds")
-    ax.legend()
+    if len(results) + len(ngram_rows) > 5:  # an ablation: the legend would hide the curves, put it beside them
+        fig.set_size_inches(9, 4)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    else:
+        ax.legend()
     ax.grid(alpha=0.3)
     paths.append(out / "val_loss.png")
     fig.tight_layout()
