@@ -29,7 +29,7 @@ def _reference_window_attention(q, k, v, window):
     return out
 
 
-@pytest.mark.parametrize("window, return_weights", [(0, False), (2, False), (3, True), (50, False)])
+@pytest.mark.parametrize("window, return_weights", [(0, False), (3, True), (50, False)])
 def test_sliding_window_attention_matches_explicit_loops(window, return_weights):
     q, k, v = jax.random.normal(jax.random.key(window), (3, 2, 9, 2, 4))
     got = F.sliding_window_attention(q, k, v, window=window, return_weights=return_weights)
