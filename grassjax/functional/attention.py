@@ -109,7 +109,12 @@ def scaled_dot_product_attention(
         mask4 = jnp.broadcast_to(full_mask, lead + (H, T, S)).reshape((-1, H, T, S))
     out = jax.nn.dot_product_attention(
         q4, k4, v4, mask=mask4, scale=scale, is_causal=plain_causal, implementation=implementation
-    )
+    )  # (B, T, H, D)
+    if mask4 is not None:
+        # jax.nn masks with a large finite negative, so a row with no visible key averages every value,
+        # future ones included. Zero it, as documented (plain causal rows always see themselves).
+        has_key = jnp.any(mask4, axis=-1)  # (B, H, T)
+        out = jnp.where(jnp.swapaxes(has_key, -1, -2)[..., None], out, 0)
     return out.reshape(q.shape[:-1] + (v.shape[-1],))
 
 

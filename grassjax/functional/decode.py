@@ -19,12 +19,12 @@ import jax
 import jax.numpy as jnp
 
 from grassjax.functional.attention import scaled_dot_product_attention
-from grassjax.functional.grassmann import _gate, _valid_offsets, plucker, plucker_norm
+from grassjax.functional.grassmann import check_offsets, gate, grassmann_feature, rescale
 
 
 def grassmann_window_size(offsets: Sequence[int]) -> int:
     """M = max(offsets): how many past reduced states a streaming layer keeps."""
-    return max(_valid_offsets(offsets))
+    return max(check_offsets(offsets))
 
 
 def init_grassmann_window(batch_shape: Sequence[int], offsets: Sequence[int], rank: int,
@@ -77,28 +77,19 @@ def grassmann_mix_step(
     Returns:
       (out_t (..., d), new window (..., M, r)) -- the window now ends with z_pos.
     """
-    offsets = _valid_offsets(offsets)
+    offsets = check_offsets(offsets)
     M = max(offsets)
     if window.shape[-2] != M:
         raise ValueError(f"window holds {window.shape[-2]} states, offsets {offsets} need max(offsets) = {M}")
     z = h_t @ w_red + b_red  # (..., r)
-    acc = jnp.promote_types(z.dtype, jnp.float32)  # as grassmann_mix: norms and w in >= float32
-    z32 = z.astype(acc)
-    w = jnp.zeros_like(z32)
-    num_valid = jnp.zeros((), jnp.int32)
-    for k, delta in enumerate(offsets):
-        valid = pos >= delta  # the partner t - δ exists
-        partner = window[..., M - delta, :].astype(acc)  # z_{pos-δ}, (..., r)
-        norm = plucker_norm(z32, partner)  # (...,)
-        scaled = partner / jnp.maximum(norm, eps)[..., None]
-        if partner_mix is not None:  # order-keeping variant: ẑ_{pos-δ} M_δ
-            scaled = scaled @ partner_mix[k].astype(acc)
-        w = w + jnp.where(valid, scaled, 0.0)
-        num_valid = num_valid + valid.astype(jnp.int32)
-    w = w / jnp.maximum(num_valid, 1).astype(acc)
-    g = plucker(z, w.astype(z.dtype)) @ w_plu + b_plu  # one projection for all offsets
-    g = jnp.where(num_valid > 0, g, 0).astype(h_t.dtype)  # no valid offset (pos < min W): g = 0
-    out, _ = _gate(h_t, g, w_gate, b_gate)
+    acc = jnp.promote_types(z.dtype, jnp.float32)  # as grassmann_mix: directions and w in >= float32
+    u, _ = rescale(z.astype(acc))  # (..., r)
+    past, _ = rescale(window.astype(acc))  # (..., M, r)
+    partners = jnp.stack([past[..., M - delta, :] for delta in offsets], axis=-2)  # z_{pos-δ}: (..., m, r)
+    valid = pos >= jnp.asarray(offsets)  # (m,): the partner t - δ exists
+    g, _, _ = grassmann_feature(u, partners, valid, w_plu=w_plu, b_plu=b_plu, eps=eps, dtype=z.dtype,
+                                partner_mix=partner_mix)
+    out, _ = gate(h_t, g.astype(h_t.dtype), w_gate, b_gate)
     return out, push_grassmann_window(window, z)
 
 

@@ -4,7 +4,7 @@ For hidden states h_t (t = 0..T-1) and a set of offsets W:
 
   z_t   = h_t W_red + b_red                          reduce d -> r
   p_t^δ = z_t ∧ z_{t-δ}                              Plücker coordinates, r(r-1)/2 of them
-  p̂_t^δ = p_t^δ / max(‖p_t^δ‖, eps)
+  p̂_t^δ = p_t^δ / max(‖p_t^δ‖, eps ‖z_t‖ ‖z_{t-δ}‖)   eps is relative (see below)
   g_t   = mean over valid δ of (p̂_t^δ W_plu + b_plu)  valid: t - δ >= 0
   α_t   = sigmoid([h_t; g_t] W_gate + b_gate)
   out_t = α_t * h_t + (1 - α_t) * g_t
@@ -13,25 +13,43 @@ Two choices the paper leaves open, made as every public reproduction does:
   * causality is backward: position t pairs with t - δ, never t + δ;
   * a position with no valid offset (t < min W) gets g_t = 0.
 
-`grassmann_mix_reference` computes this literally. `grassmann_mix` uses the
-wedge-collapse identity: z_t is common to every pair and the wedge is
-bilinear, so
+Degenerate pairs. ‖p‖ = ‖z_t‖ ‖z_{t-δ}‖ sin θ, so the relative eps floors sin θ,
+the angle between the two states: a pair with sin θ < eps (nearly parallel,
+repeated, or containing a zero state) has no well-defined plane, and it
+contributes a vector of length sin θ / eps < 1 that fades to exactly 0 for
+exactly parallel or zero states. p̂ therefore depends only on the directions,
+and every path computes it from u = z_t, v = z_{t-δ} rescaled by powers of two
+(exact, and no square can overflow):
 
-  mean_δ p̂_t^δ = z_t ∧ w_t,   w_t = mean_δ z_{t-δ} / max(‖z_t ∧ z_{t-δ}‖, eps)
+  d = v - (u·v / u·u) u,  sin θ = ‖d‖ / ‖v‖,  p̂ = u/‖u‖ ∧ d̂,  d̂ = (d/‖v‖) / max(sin θ, eps)
 
-and one projection replaces |W| of them. The norms come from the Lagrange
-identity ‖u ∧ v‖² = ‖u‖²‖v‖² - (u·v)², O(r) instead of O(r²).
+since u ∧ v = u ∧ d. The Gram-Schmidt residual d keeps the digits that the
+Lagrange identity ‖u∧v‖² = ‖u‖²‖v‖² - (u·v)² cancels away, and it is exactly
+0 for repeated states. Error bound: in float32 each p̂ is within about
+r·ε_mach / max(sin θ, eps) of the exact value for the same z (ε_mach = 2^-24),
+so g is within ‖W_plu‖₂ times that (plus the rounding of the projection);
+tests/test_numerics.py holds every path to it against a float64 oracle.
+Gradients are finite everywhere, and at most ~1/(eps ‖z‖) near degenerate pairs.
+
+`grassmann_mix_reference` computes all this literally, with explicit
+coordinates and norms per offset. `grassmann_mix` uses the wedge-collapse
+identity: u/‖u‖ is common to every pair and the wedge is bilinear, so
+
+  mean_δ p̂_t^δ = z_t/‖z_t‖ ∧ w_t,   w_t = mean_δ d̂_t^δ
+
+and one projection replaces |W| of them, with O(r) work per pair.
 
 Order-keeping variant (`partner_mix`, one r x r matrix M_δ per offset): the mean over offsets forgets
-which partner came from which offset -- z_t ∧ (ẑ_{t-1} + ẑ_{t-2}) cannot tell "a then b" from "b then a"
-once they are summed. Mixing each normalised partner by its own matrix before the sum,
+which partner came from which offset -- a ∧ (d̂^1 + d̂^2) cannot tell "x then y" from "y then x" once
+the two are summed. Mixing each normalised partner by its own matrix before the sum,
 
-  w_t = mean_δ ẑ_{t-δ} M_δ,   ẑ_{t-δ} = z_{t-δ} / max(‖z_t ∧ z_{t-δ}‖, eps)   (row vectors, x @ M)
+  w_t = mean_δ d̂_t^δ M_δ        (row vectors, x @ M)
 
 keeps the collapse exact, because the wedge is linear in its second argument:
-mean_δ z_t ∧ (ẑ_{t-δ} M_δ) = z_t ∧ w_t, so it is still one projection. Each offset now writes into its
-own part of the Plücker space; with every M_δ = I it is the paper's layer. Cost: m r² extra
-parameters and an (m, r) x (r, r) product per position, small next to the r² d projection.
+mean_δ a ∧ (d̂^δ M_δ) = a ∧ w_t, so it is still one projection. Each offset now writes into its own
+part of the Plücker space; with every M_δ = I it is the paper's layer. ‖d̂^δ‖ <= 1, so the mixed
+partners stay bounded by ‖M_δ‖ for nearly parallel pairs too. Cost: m r² extra parameters and an
+(m, r) x (r, r) product per position, small next to the r² d projection.
 
 Weight layout (x @ W convention, like Flax's Linear kernels):
   w_red (d, r), b_red (r,), w_plu (r(r-1)/2, d), b_plu (d,),
@@ -63,6 +81,11 @@ def plucker(u: jax.Array, v: jax.Array) -> jax.Array:
     Differentiable in both modes, with a custom JVP whose transpose (the
     reverse-mode derivative) is one gather and two small contractions instead
     of the 2(r-1) pad-and-add terms autodiff derives from the slices below.
+
+    XLA:CPU contracts u_i v_j - u_j v_i into a fused multiply-add, so the
+    coordinates of two parallel vectors come out as rounding noise (~ε|u||v|)
+    rather than 0. The mixers never divide such noise by eps: they take the
+    coordinates of (z_t/‖z_t‖) ∧ d with d the exact residual (see module docstring).
 
     Args:
       u, v: (..., r), broadcastable against each other.
@@ -122,36 +145,95 @@ def _plucker_jvp(primals, tangents):
     return p, dp.astype(p.dtype)
 
 
+def rescale(u: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """u scaled by a power of two so that max|u| lies in [1/2, 1) (0 for u = 0), and that scale (..., 1).
+
+    Scaling by a power of two is exact, so equal (or opposite) rows stay
+    exactly equal (or opposite) wherever XLA computes them (a division would
+    not: XLA:CPU may turn it into a multiply by a rounded reciprocal). No later
+    square overflows or underflows, whatever the scale of u.
+    """
+    # Everything built from the rescaled vectors is invariant to the scale, so its gradient may treat it as constant.
+    max_abs = jax.lax.stop_gradient(jnp.max(jnp.abs(u), axis=-1, keepdims=True))
+    _, exponent = jnp.frexp(max_abs)  # max_abs = m 2^e, m in [1/2, 1); e = 0 for 0
+    scale = jnp.ldexp(jnp.ones_like(max_abs), exponent)
+    return u * jnp.ldexp(jnp.ones_like(max_abs), -exponent), scale
+
+
+def vector_norm(u: jax.Array) -> jax.Array:
+    """‖u‖ over the last axis, (..., 1), with a finite gradient at u = 0."""
+    return safe_sqrt(jnp.sum(u * u, axis=-1, keepdims=True))
+
+
+def orthogonal_residual(u: jax.Array, v: jax.Array) -> jax.Array:
+    """d = v - (u·v / u·u) u: the part of v orthogonal to u, so that u ∧ v = u ∧ d.
+
+    For rescaled u, v (see `rescale`). Computed as c - (u·c / u·u) u with
+    c = v ∓ u (the sign of u·v): the same vector, but c is exact for nearly
+    parallel states and exactly 0 for repeated (or negated) ones, so they span
+    exactly no plane. A zero u gives d = v.
+    """
+    c = v - jnp.where(jnp.sum(u * v, axis=-1, keepdims=True) < 0, -u, u)
+    uu = jnp.sum(u * u, axis=-1, keepdims=True)
+    return c - jnp.sum(u * c, axis=-1, keepdims=True) / jnp.where(uu > 0, uu, 1) * u
+
+
+def normalized_partner(u: jax.Array, v: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
+    """The partner d̂ with p̂(u, v) = u/‖u‖ ∧ d̂, and sin θ = ‖u ∧ v‖ / (‖u‖ ‖v‖), for rescaled u, v.
+
+    d̂ = (d / ‖v‖) / max(sin θ, eps) with d = `orthogonal_residual`(u, v): the
+    relative eps rule of the module docstring. Zero vectors give d̂ = 0.
+
+    Args:
+      u: (..., r); v: (..., r), broadcastable.
+    Returns:
+      (d̂ (..., r), sin θ (...,)).
+    """
+    v_len = vector_norm(v)
+    d = orthogonal_residual(u, v) / jnp.where(v_len > 0, v_len, 1)  # ‖d‖ = sin θ
+    sin = vector_norm(d)
+    return d / jnp.maximum(sin, eps), sin[..., 0]
+
+
+def direction(u: jax.Array) -> jax.Array:
+    """u / ‖u‖ for a rescaled u (0 for u = 0)."""
+    length = vector_norm(u)
+    return u / jnp.where(length > 0, length, 1)
+
+
 @jax.jit
 def plucker_norm(u: jax.Array, v: jax.Array) -> jax.Array:
-    """‖u ∧ v‖ through the Lagrange identity, in O(r).
+    """‖u ∧ v‖ = ‖u‖ ‖v‖ sin θ in O(r), accurate to ~ε_mach ‖u‖ ‖v‖.
+
+    Computed from the Gram-Schmidt residual of the rescaled vectors, not the
+    Lagrange identity ‖u‖²‖v‖² - (u·v)², which cancels half the digits away
+    for nearly parallel vectors and overflows for large ones.
 
     Args:
       u, v: (..., r).
     Returns:
-      (...,). Computed in float32 at least: the identity subtracts two large
-      numbers, which bfloat16 cannot do.
+      (...,), in float32 at least; exactly 0 when v is ±2^k u or either is 0.
     """
     dtype = jnp.promote_types(jnp.result_type(u, v), jnp.float32)
-    u, v = u.astype(dtype), v.astype(dtype)
-    sq = jnp.sum(u * u, -1) * jnp.sum(v * v, -1) - jnp.sum(u * v, -1) ** 2
-    return _safe_sqrt(sq)
+    (u, scale_u), (v, scale_v) = rescale(u.astype(dtype)), rescale(v.astype(dtype))
+    _, sin = normalized_partner(u, v, 1.0)
+    return (scale_u * vector_norm(u) * scale_v * vector_norm(v))[..., 0] * sin
 
 
-def _safe_sqrt(sq: jax.Array) -> jax.Array:
-    """sqrt with a zero (not NaN) gradient at 0: the t < δ rows pair with a zero vector."""
+def safe_sqrt(sq: jax.Array) -> jax.Array:
+    """sqrt with a zero (not NaN or inf) gradient at 0: degenerate pairs have a zero residual."""
     positive = sq > 0
     return jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
 
 
-def _valid_offsets(offsets: Sequence[int]) -> tuple[int, ...]:
+def check_offsets(offsets: Sequence[int]) -> tuple[int, ...]:
     offsets = tuple(int(o) for o in offsets)
     if not offsets or min(offsets) < 1:
         raise ValueError(f"offsets must be a non-empty set of positive integers, got {offsets}")
     return offsets
 
 
-def _shift(x: jax.Array, delta: int, axis: int) -> jax.Array:
+def shift(x: jax.Array, delta: int, axis: int) -> jax.Array:
     """x[t - delta] along `axis`, zero-filled for t < delta (static delta)."""
     T = x.shape[axis]
     if delta >= T:
@@ -162,16 +244,47 @@ def _shift(x: jax.Array, delta: int, axis: int) -> jax.Array:
     return jnp.pad(kept, pad)
 
 
+def shifted_partners(x: jax.Array, offsets: Sequence[int]) -> jax.Array:
+    """(..., T, m, C): out[..., t, k, :] = x[..., t - offsets[k], :], zero where t < offsets[k]."""
+    return jnp.stack([shift(x, delta, axis=-2) for delta in offsets], axis=-2)
+
+
 def offset_validity(offsets: Sequence[int], T: int) -> np.ndarray:
     """(T, m) bool: True where position t has a partner t - offsets[k] >= 0."""
     return np.arange(T)[:, None] >= np.asarray(offsets)[None, :]
 
 
-def _gate(h, g, w_gate, b_gate):
-    # sigmoid([h; g] W_gate + b), written as two matmuls to avoid materialising the concat.
+def gate(h: jax.Array, g: jax.Array, w_gate: jax.Array, b_gate: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """α = sigmoid([h; g] W_gate + b_gate); returns (α h + (1 - α) g, α)."""
+    # Two matmuls instead of one on the concatenation, which would be materialised.
     d = h.shape[-1]
     alpha = jax.nn.sigmoid(h @ w_gate[:d] + g @ w_gate[d:] + b_gate)
     return alpha * h + (1 - alpha) * g, alpha
+
+
+def grassmann_feature(u: jax.Array, partners: jax.Array, valid, *, w_plu: jax.Array, b_plu: jax.Array,
+                      eps: float, dtype, partner_mix: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """g = mean over valid δ of (p̂^δ W_plu + b_plu), by the wedge collapse: one projection for all offsets.
+
+    Shared by `grassmann_mix` (all positions) and `grassmann_mix_step` (one position).
+
+    Args:
+      u: (..., r) z_t, rescaled (see `rescale`).
+      partners: (..., m, r) z_{t-δ}, rescaled, one per offset.
+      valid: (..., m) bool (NumPy or traced), whether z_{t-δ} exists.
+      dtype: the dtype of the coordinates and the projection (z's dtype).
+      partner_mix: optional (m, r, r), the order-keeping variant: d̂^δ -> d̂^δ M_δ before the mean.
+    Returns:
+      g (..., d), 0 where no offset is valid; w (..., r), the collapsed partner
+      (mean_δ p̂^δ = z_t/‖z_t‖ ∧ w); sin θ (..., m) per pair.
+    """
+    d_hat, sin = normalized_partner(u[..., None, :], partners, eps)  # (..., m, r), (..., m)
+    if partner_mix is not None:  # order-keeping variant: each offset's partner through its own M_δ
+        d_hat = jnp.einsum("...kr,krs->...ks", d_hat, partner_mix.astype(d_hat.dtype))
+    num_valid = jnp.sum(valid, axis=-1, keepdims=True)  # (..., 1)
+    w = jnp.sum(jnp.where(valid[..., None], d_hat, 0.0), axis=-2) / jnp.maximum(num_valid, 1)
+    g = plucker(direction(u).astype(dtype), w.astype(dtype)) @ w_plu + b_plu
+    return jnp.where(num_valid > 0, g, 0), w, sin
 
 
 # Both mixing functions are jitted with static offsets: run eagerly, their
@@ -204,21 +317,24 @@ def grassmann_mix_reference(
       w_red, b_red, w_plu, b_plu, w_gate, b_gate: weights, see module docstring.
       offsets: positive ints; position t pairs with t - δ. Repeats count twice
         in the mean, as in the paper's {1, 2, 4, 8, 8, 8}.
-      eps: floor on the Plücker norm before normalising.
+      eps: relative floor: p̂ = p / max(‖p‖, eps ‖z_t‖ ‖z_{t-δ}‖), i.e. on
+        sin θ (module docstring: degenerate pairs fade to 0, gradients stay
+        finite, and the float32 error bound).
       return_intermediates: also return a dict of intermediates.
       partner_mix: optional (m, r, r), one matrix per entry of `offsets`: the order-keeping variant,
-        g_t^δ = W_plu (z_t ∧ z_{t-δ} M_δ) / max(‖z_t ∧ z_{t-δ}‖, eps) + b_plu (module docstring).
+        g_t^δ = W_plu (a ∧ d̂^δ M_δ) + b_plu with a ∧ d̂^δ = p̂_t^δ (module docstring).
 
     Returns:
       out (..., T, d), or (out, intermediates) -- see `grassmann_mix`.
     """
-    offsets = _valid_offsets(offsets)
-    _check_partner_mix(partner_mix, offsets, w_red.shape[-1])
+    offsets = check_offsets(offsets)
+    check_partner_mix(partner_mix, offsets, w_red.shape[-1])
     return _reference(h, w_red=w_red, b_red=b_red, w_plu=w_plu, b_plu=b_plu, w_gate=w_gate, b_gate=b_gate,
                       offsets=offsets, eps=eps, return_intermediates=return_intermediates, partner_mix=partner_mix)
 
 
-def _check_partner_mix(partner_mix, offsets, r):
+def check_partner_mix(partner_mix, offsets: Sequence[int], r: int) -> None:
+    """partner_mix must be None or (len(offsets), r, r)."""
     if partner_mix is not None and tuple(partner_mix.shape) != (len(offsets), r, r):
         raise ValueError(f"partner_mix must be (len(offsets), r, r) = {(len(offsets), r, r)}, "
                          f"got {tuple(partner_mix.shape)}")
@@ -231,21 +347,25 @@ def _reference(h, *, w_red, b_red, w_plu, b_plu, w_gate, b_gate, offsets, eps, r
     z = h @ w_red + b_red  # (..., T, r)
     valid = offset_validity(offsets, T)  # (T, m)
     acc = jnp.promote_types(z.dtype, jnp.float32)
+    u, scale = rescale(z.astype(acc))  # (..., T, r), (..., T, 1)
+    a, z_len = direction(u), scale * vector_norm(u)  # z_t/‖z_t‖, ‖z_t‖
     g_sum = jnp.zeros(h.shape, acc)
     norms = []
     for k, delta in enumerate(offsets):
-        p = plucker(z, _shift(z, delta, axis=-2)).astype(acc)  # (..., T, P)
-        norm = _safe_sqrt(jnp.sum(p * p, axis=-1, keepdims=True))  # (..., T, 1)
-        p_hat = p / jnp.maximum(norm, eps)
-        if partner_mix is not None:  # order-keeping variant: the plane of z_t and z_{t-δ} M_δ, same normaliser
-            mixed = _shift(z, delta, axis=-2).astype(acc) @ partner_mix[k].astype(acc)
-            p_hat = plucker(z.astype(acc), mixed) / jnp.maximum(norm, eps)
+        v = shift(u, delta, axis=-2)  # z_{t-δ}, rescaled
+        v_len = vector_norm(v)
+        d = orthogonal_residual(u, v) / jnp.where(v_len > 0, v_len, 1)  # a ∧ d = a ∧ v/‖v‖, no cancellation
+        p = plucker(a, d)  # (..., T, P): the coordinates of z_t ∧ z_{t-δ}, divided by ‖z_t‖ ‖z_{t-δ}‖
+        sin = safe_sqrt(jnp.sum(p * p, axis=-1, keepdims=True))  # (..., T, 1), the norm from the coordinates
+        p_hat = p / jnp.maximum(sin, eps)
+        if partner_mix is not None:  # order-keeping variant: the plane of a and (d / max(sin, eps)) M_δ
+            p_hat = plucker(a, (d / jnp.maximum(sin, eps)) @ partner_mix[k].astype(acc))
         g_delta = p_hat @ w_plu.astype(acc) + b_plu  # (..., T, d)
         g_sum = g_sum + jnp.where(valid[:, k : k + 1], g_delta, 0.0)
-        norms.append(jnp.where(valid[:, k], norm[..., 0], 0.0))
+        norms.append(jnp.where(valid[:, k], (sin * z_len * shift(z_len, delta, axis=-2))[..., 0], 0.0))
     num_valid = valid.sum(axis=1)[:, None]  # (T, 1)
     g = (g_sum / np.maximum(num_valid, 1)).astype(h.dtype)  # rows with no valid offset stay 0
-    out, alpha = _gate(h, g, w_gate, b_gate)
+    out, alpha = gate(h, g, w_gate, b_gate)
     if not return_intermediates:
         return out
     return out, dict(z=z, g=g, alpha=alpha, plucker_norm=jnp.stack(norms, -1), valid=jnp.asarray(valid))
@@ -275,21 +395,21 @@ def grassmann_mix(
       w_red (d, r), b_red (r,), w_plu (r(r-1)/2, d), b_plu (d,),
       w_gate (2d, d), b_gate (d,): weights.
       offsets: positive ints (static). Position t pairs with t - δ.
-      eps: floor on each Plücker norm before normalising.
+      eps: relative floor on each Plücker norm, as in `grassmann_mix_reference`.
       return_intermediates: also return a dict with
         z (..., T, r)            reduced states,
         g (..., T, d)            aggregated Grassmann features (0 where no offset is valid),
         alpha (..., T, d)        gate values,
         plucker_norm (..., T, m) ‖z_t ∧ z_{t-δ}‖ per offset (0 where invalid),
         valid (T, m)             whether each offset is valid at t,
-        w (..., T, r)            the collapsed partner w_t.
-      partner_mix: optional (m, r, r): the order-keeping variant, w_t = mean_δ ẑ_{t-δ} M_δ.
+        w (..., T, r)            the collapsed partner: mean_δ p̂_t^δ = (z_t/‖z_t‖) ∧ w_t.
+      partner_mix: optional (m, r, r): the order-keeping variant, w_t = mean_δ d̂_t^δ M_δ.
 
     Returns:
       out (..., T, d), or (out, intermediates).
     """
-    offsets = _valid_offsets(offsets)
-    _check_partner_mix(partner_mix, offsets, w_red.shape[-1])
+    offsets = check_offsets(offsets)
+    check_partner_mix(partner_mix, offsets, w_red.shape[-1])
     return _wedge_collapse(h, w_red=w_red, b_red=b_red, w_plu=w_plu, b_plu=b_plu, w_gate=w_gate, b_gate=b_gate,
                            offsets=offsets, eps=eps, return_intermediates=return_intermediates,
                            partner_mix=partner_mix)
@@ -305,30 +425,22 @@ def _wedge_collapse(h, *, w_red, b_red, w_plu, b_plu, w_gate, b_gate, offsets, e
     h2 = h.reshape(n * T, d)
     z = h2 @ w_red + b_red  # (N, r)
     r = z.shape[-1]
-    acc = jnp.promote_types(z.dtype, jnp.float32)  # norms and w in >= float32: Lagrange cancels large terms
-    z32 = z.astype(acc)
+    acc = jnp.promote_types(z.dtype, jnp.float32)  # directions and w in >= float32
+    u, scale = rescale(z.astype(acc))  # (N, r), (N, 1)
     valid_t = offset_validity(offsets, T)  # (T, m), static
     valid = np.tile(valid_t, (n, 1))  # (N, m)
     # All offsets at once (a handful of fused ops instead of a few per offset, forward and backward):
-    # partners[row(b, t), k, :] = z_{b, t - δ_k}, zero where t < δ_k.
-    zt = z32.reshape(n, T, r)
-    partners = jnp.stack([_shift(zt, delta, axis=-2) for delta in offsets], axis=-2).reshape(n * T, len(offsets), r)
-    # ‖z_t ∧ z_{t-δ}‖ by the Lagrange identity, as plucker_norm computes it.
-    zz, pp = jnp.sum(z32 * z32, -1)[..., None], jnp.sum(partners * partners, -1)
-    sq = zz * pp - jnp.sum(z32[..., None, :] * partners, -1) ** 2
-    norm = _safe_sqrt(sq)  # (N, m)
-    scaled = partners / jnp.maximum(norm, eps)[..., None]  # ẑ_{t-δ}, (N, m, r)
-    if partner_mix is not None:  # order-keeping variant: ẑ_{t-δ} M_δ
-        scaled = jnp.einsum("nkr,krs->nks", scaled, partner_mix.astype(acc))
-    w = jnp.sum(jnp.where(valid[..., None], scaled, 0.0), axis=-2)  # (N, r)
-    num_valid = valid.sum(axis=1)[:, None]  # (N, 1)
-    w = w / np.maximum(num_valid, 1)
-    g = plucker(z, w.astype(z.dtype)) @ w_plu + b_plu  # one projection for all offsets
-    g = jnp.where(num_valid > 0, g, 0).astype(h.dtype)
-    out, alpha = _gate(h2, g, w_gate, b_gate)
-    unflatten = lambda a: a.reshape(tuple(lead) + (T,) + a.shape[1:])
+    # partners[row(b, t), k, :] = u_{b, t - δ_k}, zero where t < δ_k.
+    partners = shifted_partners(u.reshape(n, T, r), offsets).reshape(n * T, len(offsets), r)
+    g, w, sin = grassmann_feature(u, partners, valid, w_plu=w_plu, b_plu=b_plu, eps=eps, dtype=z.dtype,
+                                  partner_mix=partner_mix)
+    g = g.astype(h.dtype)
+    out, alpha = gate(h2, g, w_gate, b_gate)
+    unflatten = lambda x: x.reshape(tuple(lead) + (T,) + x.shape[1:])
     if not return_intermediates:
         return unflatten(out)
+    z_len = scale * vector_norm(u)  # (N, 1)
+    partner_len = shifted_partners(z_len.reshape(n, T, 1), offsets).reshape(n * T, len(offsets))
+    norm = jnp.where(valid, sin * z_len * partner_len, 0.0)  # ‖z_t ∧ z_{t-δ}‖
     return unflatten(out), dict(z=unflatten(z), g=unflatten(g), alpha=unflatten(alpha),
-                                plucker_norm=unflatten(jnp.where(valid, norm, 0.0)), valid=jnp.asarray(valid_t),
-                                w=unflatten(w))
+                                plucker_norm=unflatten(norm), valid=jnp.asarray(valid_t), w=unflatten(w))

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grassjax.functional.grassmann import _shift
+from grassjax.functional.grassmann import direction, normalized_partner, rescale, shifted_partners
 
 
 def attention_row_entropy(weights: jax.Array) -> jax.Array:
@@ -61,31 +61,29 @@ def attention_stats(weights: jax.Array, max_logit: jax.Array | None = None) -> d
     return stats
 
 
-def offset_alignment(z: jax.Array, w: jax.Array, plucker_norm: jax.Array, valid: jax.Array,
-                     offsets: Sequence[int], eps: float = 1e-6) -> jax.Array:
+def offset_alignment(z: jax.Array, w: jax.Array, valid: jax.Array, offsets: Sequence[int],
+                     eps: float = 1e-6) -> jax.Array:
     """How much each offset's plane agrees with the aggregated plane, per position.
 
-    g_t is a projection of m_t = mean_δ p̂_t^δ = z_t ∧ w_t. Offset δ's share at
-    t is |<p̂_t^δ, m_t>| normalised over the valid offsets: an offset whose
-    plane is orthogonal to the mean contributes nothing to it. The inner
-    product of two wedges costs O(r) (Binet-Cauchy):
-      <a ∧ b, c ∧ d> = (a·c)(b·d) - (a·d)(b·c).
+    g_t is a projection of m_t = mean_δ p̂_t^δ = a_t ∧ w_t (a_t = z_t/‖z_t‖).
+    Offset δ's share at t is |<p̂_t^δ, m_t>| normalised over the valid
+    offsets: an offset whose plane is orthogonal to the mean contributes
+    nothing to it. p̂_t^δ = a_t ∧ d̂_t^δ is rebuilt exactly as the mixer builds
+    it (same eps rule), and the inner product of two wedges costs O(r)
+    (Binet-Cauchy): <a ∧ b, c ∧ d> = (a·c)(b·d) - (a·d)(b·c).
 
     Args:
       z: (..., T, r) reduced states; w: (..., T, r) collapsed partners;
-      plucker_norm: (..., T, m); valid: (T, m); offsets: the m offsets.
+      valid: (T, m); offsets: the m offsets; eps: the mixer's eps.
     Returns:
       (..., T, m) shares, summing to 1 over valid offsets (0 where none is valid).
     """
-    z = z.astype(w.dtype)
-    zz = jnp.sum(z * z, -1)  # (..., T)
-    zw = jnp.sum(z * w, -1)
-    scores = []
-    for k, delta in enumerate(offsets):
-        partner = _shift(z, delta, axis=-2)
-        inner = zz * jnp.sum(partner * w, -1) - zw * jnp.sum(z * partner, -1)
-        scores.append(jnp.abs(inner) / jnp.maximum(plucker_norm[..., k], eps))
-    scores = jnp.where(valid, jnp.stack(scores, -1), 0.0)  # (..., T, m)
+    u, _ = rescale(z.astype(w.dtype))  # (..., T, r)
+    a = direction(u)
+    d_hat, _ = normalized_partner(u[..., None, :], shifted_partners(u, offsets), eps)  # (..., T, m, r)
+    aw = jnp.sum(a * w, -1)[..., None]  # (..., T, 1)
+    inner = jnp.sum(a * a, -1)[..., None] * jnp.sum(d_hat * w[..., None, :], -1) - aw * jnp.sum(d_hat * a[..., None, :], -1)
+    scores = jnp.where(valid, jnp.abs(inner), 0.0)  # (..., T, m)
     total = scores.sum(-1, keepdims=True)
     return jnp.where(total > 0, scores / jnp.where(total > 0, total, 1.0), 0.0)
 
@@ -114,7 +112,7 @@ def grassmann_stats(intermediates: dict[str, jax.Array], offsets: Sequence[int],
     count = jnp.maximum(mask.sum(), 1)
     pn_mean = jnp.where(mask, norms, 0.0).sum() / count
     pn_std = jnp.sqrt(jnp.where(mask, (norms - pn_mean) ** 2, 0.0).sum() / count)
-    share = offset_alignment(intermediates["z"], intermediates["w"], norms, valid, offsets, eps)
+    share = offset_alignment(intermediates["z"], intermediates["w"], valid, offsets, eps)
     any_valid = valid.any(-1)  # (T,)
     flat = share.reshape((-1,) + share.shape[-2:])  # (N, T, m)
     share_mean = flat.sum((0, 1)) / jnp.maximum(flat.shape[0] * any_valid.sum(), 1)  # over positions with g != 0
@@ -133,8 +131,7 @@ def grassmann_stats(intermediates: dict[str, jax.Array], offsets: Sequence[int],
 
 def offset_share_map(intermediates: dict[str, jax.Array], offsets: Sequence[int], eps: float = 1e-6) -> jax.Array:
     """(T, m) map of how much position t draws on each offset, averaged over the batch."""
-    share = offset_alignment(intermediates["z"], intermediates["w"], intermediates["plucker_norm"],
-                             intermediates["valid"], offsets, eps)
+    share = offset_alignment(intermediates["z"], intermediates["w"], intermediates["valid"], offsets, eps)
     return share.reshape((-1,) + share.shape[-2:]).mean(0)
 
 

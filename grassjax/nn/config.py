@@ -55,7 +55,7 @@ class ModelConfig:
     offsets_per_layer: bool = False
     grassmann_out_proj: bool = True
     grassmann_partner_mix: str = "none"
-    grassmann_eps: float = 1e-6
+    grassmann_eps: float = 1e-6  # relative: pairs with sin∠(z_t, z_{t-δ}) < eps fade to 0 (functional/grassmann.py)
     norm: str = "pre"
     dropout: float = 0.0
     use_bias: bool = True
