@@ -44,18 +44,20 @@ def test_identity_mixing_is_the_papers_layer():
 
 
 def test_hand_worked_swap_matrix():
-    # d = r = 2, identity reduce, offset 1, z_0 = (1, 0), z_1 = (3, 2): ‖z_1 ∧ z_0‖ = |3*0 - 2*1| = 2,
-    # ẑ_0 = (1/2, 0). M swaps the coordinates: ẑ_0 M = (0, 1/2), so p = z_1 ∧ (0, 1/2) = 3 * 1/2 - 2 * 0 = 3/2
-    # (the paper's layer would give z_1 ∧ ẑ_0 = 3*0 - 2 * 1/2 = -1). W_plu = [[1, -1]] -> g_1 = (3/2, -3/2);
-    # zero gate weights -> out = (h + g) / 2.
+    # d = r = 2, identity reduce, offset 1, z_0 = (1, 0), z_1 = (3, 2). With a = z_1/‖z_1‖ = (3, 2)/√13,
+    # the normalised partner is the part of z_0 orthogonal to a, scaled to a ∧ d̂ = p̂:
+    #   d = z_0 - (a·z_0) a = (4, -6)/13, sin θ = ‖d‖ = 2/√13, d̂ = d / sin θ = (2, -3)/√13,
+    #   paper: a ∧ d̂ = (3·(-3) - 2·2)/13 = -1 (the sign of the 2x2 determinant 3·0 - 2·1).
+    # M swaps the coordinates: d̂ M = (-3, 2)/√13 and a ∧ d̂ M = (3·2 - 2·(-3))/13 = 12/13.
+    # W_plu = [[1, -1]] -> g_1 = (12/13, -12/13); zero gate weights -> out = (h + g) / 2.
     h = jnp.array([[1.0, 0.0], [3.0, 2.0]])
     weights = dict(w_red=jnp.eye(2), b_red=jnp.zeros(2), w_plu=jnp.array([[1.0, -1.0]]), b_plu=jnp.zeros(2),
                    w_gate=jnp.zeros((4, 2)), b_gate=jnp.zeros(2))
     swap = jnp.array([[[0.0, 1.0], [1.0, 0.0]]])
     for fn in (F.grassmann_mix, F.grassmann_mix_reference):
         out, inter = fn(h, offsets=(1,), partner_mix=swap, return_intermediates=True, **weights)
-        np.testing.assert_allclose(inter["g"], [[0.0, 0.0], [1.5, -1.5]], atol=1e-6)
-        np.testing.assert_allclose(out, [[0.5, 0.0], [2.25, 0.25]], atol=1e-6)
+        np.testing.assert_allclose(inter["g"], [[0.0, 0.0], [12 / 13, -12 / 13]], atol=1e-6)
+        np.testing.assert_allclose(out, [[0.5, 0.0], [(3 + 12 / 13) / 2, (2 - 12 / 13) / 2]], atol=1e-6)
         _, paper = fn(h, offsets=(1,), return_intermediates=True, **weights)
         np.testing.assert_allclose(paper["g"][1], [-1.0, 1.0], atol=1e-6)
 
