@@ -103,8 +103,13 @@ ABLATION_ARMS = {
     "partner_mix": {"mixer": "grassmann", "grassmann_partner_mix": "per_offset"},  # order-keeping variant
     # Its control: one weight per offset, no order information (see ModelConfig.grassmann_partner_mix).
     "offset_weights": {"mixer": "grassmann", "grassmann_partner_mix": "per_offset_scalar"},
-    "sliding_window": {"mixer": "sliding_window"},  # attention over t-16 .. t: locality with content weights
-    "conv": {"mixer": "conv"},  # depthwise conv, kernel 17: locality with fixed weights, attention-free
+    # Attention over t-16 .. t: locality with content weights. Same parameters and FLOPs as the Transformer
+    # (the window is a mask on the dense T x T logits), and on CPU slower per step: it takes the masked
+    # jax.nn path, not the heads-first causal fast path.
+    "sliding_window": {"mixer": "sliding_window"},
+    # Depthwise conv, kernel 17: locality with fixed weights, attention-free. Not size-matched: 620,928
+    # parameters against 813,504 (Grassmann) and 809,856 (Transformer), 2.9 GFLOP/step against 3.8 / 4.1.
+    "conv": {"mixer": "conv"},
     "transformer": {"mixer": "attention"},
 }
 
