@@ -71,13 +71,14 @@ def run_experiment(name: str, overrides: dict[str, str], *, workdir: str | None,
     """Resolve and run one experiment; returns whatever its runner returns."""
     from grassjax.bench.generation import run_generation_benchmark
     from grassjax.bench.scaling import run_scaling_benchmark
+    from grassjax.bench.vs_pytorch import run_vs_pytorch_benchmark
     from grassjax.train.compare import run_comparison
     from grassjax.train.loop import train
 
     experiment, config = resolve_config(name, overrides)
     workdir = workdir or os.path.join("runs", name)
     runners = {"train": train, "compare": run_comparison, "benchmark_scaling": run_scaling_benchmark,
-               "benchmark_generation": run_generation_benchmark}
+               "benchmark_generation": run_generation_benchmark, "benchmark_vs_pytorch": run_vs_pytorch_benchmark}
     return runners[experiment.runner](config, workdir=workdir, exp_name=name, data_dir=data_dir,
                                       wandb_mode=wandb_mode)
 
