@@ -2,7 +2,7 @@
 
 Flags:
   --exp=NAME                 which experiment (--list shows them all)
-  --config.<section>.<key>=V override any config field, type-checked (sections: model, data, train, wandb)
+  --config.<section>.<key>=V override any config field, type-checked (sections: model, data, train, stats, wandb)
   --workdir=DIR              checkpoints, metrics.jsonl, W&B files (default runs/<exp>); reruns resume here
   --data_dir=DIR             folder holding tinyshakespeare/input.txt (else $GRASSJAX_DATA_DIR, else a user cache)
   --wandb_mode=MODE          auto | online | offline | disabled (auto: online only with credentials)
