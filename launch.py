@@ -6,6 +6,7 @@ Flags:
   --workdir=DIR              checkpoints, metrics.jsonl, W&B files (default runs/<exp>); reruns resume here
   --data_dir=DIR             folder holding tinyshakespeare/input.txt (else $GRASSJAX_DATA_DIR, else a user cache)
   --wandb_mode=MODE          auto | online | offline | disabled (auto: online only with credentials)
+  --restart                  move an existing --workdir aside (to <workdir>.previous-<time>) and start over
   --print_config             print the resolved config and exit
   --coordinator_address, --num_processes, --process_id   multi-host data parallelism (jax.distributed)
 """
@@ -13,6 +14,7 @@ Flags:
 from __future__ import annotations
 
 import os
+import pathlib
 import sys
 
 from absl import app, flags, logging
@@ -26,6 +28,8 @@ flags.DEFINE_string("workdir", None, "Run directory (default: runs/<exp>). A rer
 flags.DEFINE_string("data_dir", None, "Folder containing tinyshakespeare/input.txt (else $GRASSJAX_DATA_DIR).")
 flags.DEFINE_enum("wandb_mode", "auto", ["auto", "online", "offline", "disabled"], "Weights & Biases mode.")
 flags.DEFINE_bool("print_config", False, "Print the resolved config and exit.")
+flags.DEFINE_bool("restart", False, "Move an existing --workdir aside (renamed <workdir>.previous-<time>) and "
+                  "start over instead of resuming.")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (enables jax.distributed).")
 flags.DEFINE_integer("num_processes", None, "Multi-host: total number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: index of this process (0 logs and writes checkpoints).")
@@ -67,7 +71,7 @@ def resolve_config(name: str, overrides: dict[str, str]):
 
 
 def run_experiment(name: str, overrides: dict[str, str], *, workdir: str | None, data_dir: str | None,
-                   wandb_mode: str | None):
+                   wandb_mode: str | None, restart: bool = False):
     """Resolve and run one experiment; returns whatever its runner returns."""
     from grassjax.bench.generation import run_generation_benchmark
     from grassjax.bench.scaling import run_scaling_benchmark
@@ -76,6 +80,10 @@ def run_experiment(name: str, overrides: dict[str, str], *, workdir: str | None,
 
     experiment, config = resolve_config(name, overrides)
     workdir = workdir or os.path.join("runs", name)
+    if restart:
+        from grassjax.train.workdir import move_aside
+
+        move_aside(pathlib.Path(workdir))
     runners = {"train": train, "compare": run_comparison, "benchmark_scaling": run_scaling_benchmark,
                "benchmark_generation": run_generation_benchmark}
     return runners[experiment.runner](config, workdir=workdir, exp_name=name, data_dir=data_dir,
@@ -98,6 +106,7 @@ def main(argv):
     from grassjax.train.config import ConfigError
     from grassjax.train.loop import NonFiniteLossError
     from grassjax.train.run_logger import WandbCredentialsError
+    from grassjax.train.workdir import WorkdirError
 
     from grassjax.train.parallel import initialize_distributed
 
@@ -107,13 +116,15 @@ def main(argv):
             print(resolve_config(FLAGS.exp, _overrides)[1])
             return
         run_experiment(FLAGS.exp, _overrides, workdir=FLAGS.workdir, data_dir=FLAGS.data_dir,
-                       wandb_mode=FLAGS.wandb_mode)
+                       wandb_mode=FLAGS.wandb_mode, restart=FLAGS.restart)
     except (experiments.UnknownExperimentError, ConfigError, DataError, WandbCredentialsError) as err:
         fail(str(err))
+    except WorkdirError as err:
+        fail(str(err), code=err.exit_code)
     except NonFiniteLossError as err:
         fail(str(err), code=1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except KeyboardInterrupt as err:  # saved and stopped (StopRequested: 130 for SIGINT, 143 for SIGTERM)
+        sys.exit(getattr(err, "exit_code", 130))
 
 
 if __name__ == "__main__":
