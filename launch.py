@@ -1,6 +1,11 @@
 """Run a named experiment: python launch.py --exp=grassmann_shakespeare [--config.train.steps=500 ...]
 
+Use a trained run (its workdir):
+  python launch.py --exp=grassmann_shakespeare --mode=sample --prompt="ROMEO:" --num_tokens=500 --top_k=40
+  python launch.py --exp=grassmann_shakespeare --mode=evaluate --split=val
+
 Flags:
+  --mode=train|sample|evaluate  train (default), sample from the newest checkpoint, or evaluate a whole split
   --exp=NAME                 which experiment (--list shows them all)
   --config.<section>.<key>=V override any config field, type-checked (sections: model, data, train, stats, wandb)
   --workdir=DIR              checkpoints, metrics.jsonl, W&B files (default runs/<exp>); reruns resume here
@@ -30,6 +35,16 @@ flags.DEFINE_enum("wandb_mode", "auto", ["auto", "online", "offline", "disabled"
 flags.DEFINE_bool("print_config", False, "Print the resolved config and exit.")
 flags.DEFINE_bool("restart", False, "Move an existing --workdir aside (renamed <workdir>.previous-<time>) and "
                   "start over instead of resuming.")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "evaluate"],
+                  "train; sample from the workdir's newest checkpoint; or evaluate it over a whole split.")
+flags.DEFINE_string("prompt", "\n", "--mode=sample: the text to continue.")
+flags.DEFINE_integer("num_tokens", 500, "--mode=sample: tokens to generate per sample.")
+flags.DEFINE_float("temperature", 0.8, "--mode=sample: softmax temperature (0 = greedy).")
+flags.DEFINE_integer("top_k", 0, "--mode=sample: sample among the k most likely tokens (0 = all).")
+flags.DEFINE_integer("num_samples", 1, "--mode=sample: how many samples.")
+flags.DEFINE_integer("seed", 0, "--mode=sample: random seed.")
+flags.DEFINE_string("split", "val", "--mode=evaluate: train, val (or test on WikiText-2).")
+flags.DEFINE_integer("stride", 0, "--mode=evaluate: window stride in tokens (0 = block size: non-overlapping).")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (enables jax.distributed).")
 flags.DEFINE_integer("num_processes", None, "Multi-host: total number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: index of this process (0 logs and writes checkpoints).")
@@ -90,6 +105,17 @@ def run_experiment(name: str, overrides: dict[str, str], *, workdir: str | None,
                                       wandb_mode=wandb_mode)
 
 
+def use_trained_run(mode: str, workdir: str):
+    """--mode=sample / --mode=evaluate: the run's own config (run_config.json) is used, not --config.*."""
+    from grassjax import trained
+
+    if mode == "sample":
+        trained.sample_run(workdir, prompt=FLAGS.prompt, num_tokens=FLAGS.num_tokens, temperature=FLAGS.temperature,
+                           top_k=FLAGS.top_k, num_samples=FLAGS.num_samples, seed=FLAGS.seed)
+    else:
+        trained.evaluate_run(workdir, data_dir=FLAGS.data_dir, split=FLAGS.split, stride=FLAGS.stride)
+
+
 def main(argv):
     logging.set_verbosity(logging.WARNING)  # keep orbax / JAX info chatter off the console
     if len(argv) > 1:
@@ -114,6 +140,9 @@ def main(argv):
     try:
         if FLAGS.print_config:
             print(resolve_config(FLAGS.exp, _overrides)[1])
+            return
+        if FLAGS.mode != "train":
+            use_trained_run(FLAGS.mode, FLAGS.workdir or os.path.join("runs", FLAGS.exp))
             return
         run_experiment(FLAGS.exp, _overrides, workdir=FLAGS.workdir, data_dir=FLAGS.data_dir,
                        wandb_mode=FLAGS.wandb_mode, restart=FLAGS.restart)

@@ -21,13 +21,15 @@ from typing import Any, Callable
 
 LOCK_NAME = "lock"
 CONFIG_NAME = "run_config.json"
-# Keys that may differ when a run is resumed: how long, how often, what is logged -- never what the
-# parameters are or which data they see. Prefixes end with "."; everything else must match exactly.
-RESUMABLE = ("train.steps", "train.epochs", "train.stop_after", "train.log_every", "train.eval_every",
-             "train.eval_batches", "train.checkpoint_every", "train.keep_checkpoints", "train.sample_prompt",
-             "train.sample_tokens", "train.temperature", "train.top_k", "stats.", "wandb.", "compare.", "arms.")
-# Of those, the ones that reshape the learning-rate schedule mid-run: allowed, but said in one line.
-SCHEDULE_KEYS = ("train.steps", "train.epochs")
+# Keys that may differ when a run is resumed: how long, how often, what is logged, and the optimizer's
+# settings (the NaN stop advises a lower learning rate and a rerun) -- never what the parameters are or
+# which data they see. Prefixes end with "."; every other key must match exactly.
+OPTIMIZER_KEYS = ("train.steps", "train.epochs", "train.learning_rate", "train.min_lr", "train.warmup_steps",
+                  "train.weight_decay", "train.beta1", "train.beta2", "train.grad_clip")
+RESUMABLE = OPTIMIZER_KEYS + (
+    "train.stop_after", "train.log_every", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
+    "train.keep_checkpoints", "train.sample_prompt", "train.sample_tokens", "train.temperature", "train.top_k",
+    "stats.", "wandb.", "compare.", "arms.")
 
 
 class WorkdirError(RuntimeError):
@@ -147,9 +149,9 @@ def check_resume(workdir: pathlib.Path, config: dict, *, has_checkpoint: bool, w
             raise WorkdirError(f"{workdir} holds a run with another config ({diffs}{more}); pass another --workdir, "
                                f"or --restart to move the old run aside and start over")
         old, new = flatten(saved), flatten(config)
-        for key in (k for k in changed if k in SCHEDULE_KEYS):
+        for key in (k for k in changed if k in OPTIMIZER_KEYS):  # allowed, but it changes the run mid-way: say so
             print_fn(f"Note: {key} changed from {old.get(key)} to {new.get(key)} on resume: the learning-rate "
-                     f"schedule now spans the new length from here on")
+                     f"schedule and optimizer use the new value from here on")
     text = json.dumps(config, indent=1, sort_keys=True) + "\n"
     if write and (not path.exists() or path.read_text() != text):  # the next resume compares against this run's values
         path.write_text(text)
