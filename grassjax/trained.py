@@ -266,7 +266,8 @@ def evaluate_run(workdir, *, data_dir: str | None = None, split: str = "val", st
             (f"bits/{unit}", f"{result['bits_per_token']:.4f}")]
     width = max(len(k) for k, _ in rows)
     print_fn("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
-    path = pathlib.Path(workdir) / f"eval-{split}.json"
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    print_fn(f"written: {path}")
+    if jax.process_index() == 0:  # only process 0 writes to the workdir
+        path = pathlib.Path(workdir) / f"eval-{split}.json"
+        path.write_text(json.dumps(result, indent=1) + "\n")
+        print_fn(f"written: {path}")
     return result
