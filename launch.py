@@ -14,6 +14,7 @@ Flags:
   --restart                  move an existing --workdir aside (to <workdir>.previous-<time>) and start over
   --print_config             print the resolved config and exit
   --coordinator_address, --num_processes, --process_id   multi-host data parallelism (jax.distributed)
+  --distributed_timeout=S    multi-host: seconds to wait for every process to join (default 60)
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ flags.DEFINE_integer("stride", 0, "--mode=evaluate: window stride in tokens (0 =
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (enables jax.distributed).")
 flags.DEFINE_integer("num_processes", None, "Multi-host: total number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: index of this process (0 logs and writes checkpoints).")
+flags.DEFINE_integer("distributed_timeout", 60, "Multi-host: seconds to wait for every process to join.")
 
 CONFIG_PREFIX = "--config."
 _overrides: dict[str, str] = {}
@@ -134,9 +136,16 @@ def main(argv):
     from grassjax.train.run_logger import WandbCredentialsError
     from grassjax.train.workdir import WorkdirError
 
-    from grassjax.train.parallel import initialize_distributed
+    from grassjax.train.parallel import DistributedError, initialize_distributed
 
-    initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    try:
+        initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                               timeout_s=FLAGS.distributed_timeout)
+    except DistributedError as err:
+        if err.stuck:  # a thread is blocked inside jax.distributed: a normal exit would wait on it
+            print(f"launch.py: error: {err}", file=sys.stderr, flush=True)
+            os._exit(2)
+        fail(str(err))
     try:
         if FLAGS.print_config:
             print(resolve_config(FLAGS.exp, _overrides)[1])

@@ -8,6 +8,7 @@ import json
 import math
 import pathlib
 import signal
+import tempfile
 import threading
 import time
 from typing import Any, Callable
@@ -173,13 +174,20 @@ def train(config, *, workdir: str | pathlib.Path, exp_name: str = "run", data_di
     is_main = jax.process_index() == 0  # only process 0 logs to W&B, prints and writes the workdir
     if is_main:
         prepare_workdir(workdir)
-    with (WorkdirLock(workdir) if is_main else contextlib.nullcontext()), StopRequest(print_fn) as stop:
+    else:
+        print_fn(f"process {jax.process_index()} of {jax.process_count()}: training in step with process 0, "
+                 f"which prints and writes {workdir}")
+        print_fn = lambda *_: None  # noqa: E731
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(WorkdirLock(workdir) if is_main else contextlib.nullcontext())
+        stop = stack.enter_context(StopRequest(print_fn))
+        scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="grassjax-")) if not is_main else None
         return _train(config, workdir=workdir, exp_name=exp_name, data_dir=data_dir, wandb_mode=wandb_mode,
-                      print_fn=print_fn, stop=stop)
+                      print_fn=print_fn, stop=stop, scratch=scratch)
 
 
 def _train(config, *, workdir: pathlib.Path, exp_name: str, data_dir: str | None, wandb_mode: str | None,
-           print_fn: Callable[[str], None], stop: StopRequest) -> TrainResult:
+           print_fn: Callable[[str], None], stop: StopRequest, scratch: str | None) -> TrainResult:
     tc = config.train
     mesh = make_mesh()
     layout = batch_layout(tc)  # fails early, naming the keys, if the batch does not split over the devices
@@ -256,10 +264,9 @@ def _train(config, *, workdir: pathlib.Path, exp_name: str, data_dir: str | None
         return dataset.vocab.decode(np.asarray(tokens[0]))
 
     identity = _wandb_identity(config, exp_name)
-    if not is_main:  # other hosts keep a local metrics copy but stay off W&B and the console
-        workdir_log, wandb_mode, print_fn = workdir / f"process{jax.process_index()}", "disabled", lambda *_: None
-    else:
-        workdir_log = workdir
+    workdir_log = workdir
+    if not is_main:  # other processes stay off W&B, the console and the workdir: their logs go to a temp dir
+        workdir_log, wandb_mode = pathlib.Path(scratch), "disabled"
     logger = RunLogger(workdir=workdir_log, config=config.to_dict(), mode=wandb_mode, job_type="train",
                        print_fn=print_fn, **identity)
     logger.set_summary({"params/total": counts["total"], "params/non_embedding": counts["non_embedding"]})
@@ -298,8 +305,9 @@ def _train(config, *, workdir: pathlib.Path, exp_name: str, data_dir: str | None
             metrics.update(log_statistics(state, step))
         logger.log_table("samples", ["step", "text"], [[step, sample]], step=step)
         history.append({"step": step, **metrics})
-        progress.write(f"step {step:>6} | train {metrics['eval_train/loss']:.4f} | val {metrics['val/loss']:.4f} "
-                       f"| val bpc {metrics['val/bpc']:.3f}")
+        if is_main:  # progress.write prints even where the bar is disabled
+            progress.write(f"step {step:>6} | train {metrics['eval_train/loss']:.4f} | val {metrics['val/loss']:.4f} "
+                           f"| val bpc {metrics['val/bpc']:.3f}")
 
     def kept_message() -> str:
         kept = checkpointer.latest_step()
