@@ -287,25 +287,24 @@ def _missing_message(folder: pathlib.Path, missing: Sequence[str]) -> str:
 def _load_from_hf_cache() -> dict[str, bytes] | None:
     """The splits from a locally cached Hugging Face `datasets` copy, offline; None if unavailable.
 
-    Rows are the files' lines ("" for blank ones), so they are joined back into text. Never downloads: the
-    offline switches are set before the call (and on an already-imported `datasets`) and restored after.
+    Rows are the files' lines ("" for blank ones), so they are joined back into text. Offline through the
+    library's documented switches (HF_DATASETS_OFFLINE, HF_HUB_OFFLINE), which it reads when imported: if
+    `datasets` was imported before with them off, this route is skipped rather than risk a download.
+    Install it with the optional extra: pip install -e .[hf].
     """
     env_keys = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+    already_imported = "datasets" in sys.modules
     saved_env = {k: os.environ.get(k) for k in env_keys}
     os.environ.update({k: "1" for k in env_keys})
-    patched: list[tuple[Any, str, Any]] = []
     try:
         try:
-            import datasets  # optional; not a requirement
+            import datasets  # optional (the "hf" extra)
         except ImportError:
             return None
-        for module_name, attrs in (("datasets.config", ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")),
-                                   ("huggingface_hub.constants", ("HF_HUB_OFFLINE",))):
-            module = sys.modules.get(module_name)
-            for attr in attrs:
-                if module is not None and hasattr(module, attr):
-                    patched.append((module, attr, getattr(module, attr)))
-                    setattr(module, attr, True)
+        offline = getattr(getattr(datasets, "config", None), "HF_DATASETS_OFFLINE", True)
+        if already_imported and not offline:
+            log.debug("datasets was imported online before; not reading the Hugging Face cache")
+            return None
         for name in HF_DATASET_NAMES:
             try:
                 ds = datasets.load_dataset(name, HF_CONFIG)
@@ -319,8 +318,6 @@ def _load_from_hf_cache() -> dict[str, bytes] | None:
                 log.debug("No offline Hugging Face copy of %s/%s (%s)", name, HF_CONFIG, _one_line(err))
         return None
     finally:
-        for module, attr, value in reversed(patched):
-            setattr(module, attr, value)
         for k, v in saved_env.items():
             if v is None:
                 os.environ.pop(k, None)

@@ -113,3 +113,15 @@ def test_wikitext_failed_downloads_keep_nothing_and_name_data_dir(server, refuse
     message = only_line(err)
     assert reason in message and "--data_dir" in message and url in message, message
     assert list(tmp_path.iterdir()) == []  # nothing kept, no temporary folder
+
+
+def test_hugging_face_route_is_skipped_when_datasets_was_imported_online(monkeypatch, tmp_path):
+    """Its offline switch is read at import: a module imported online might download, so it is not asked."""
+    import sys
+    import types
+
+    calls = []
+    fake = types.SimpleNamespace(config=types.SimpleNamespace(HF_DATASETS_OFFLINE=False),
+                                 load_dataset=lambda *a, **k: calls.append(a))
+    monkeypatch.setitem(sys.modules, "datasets", fake)
+    assert wikitext._load_from_hf_cache() is None and calls == []

@@ -187,6 +187,15 @@ def test_disk_full_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path, te
     with pytest.raises(WorkdirError, match="at step 14 .No space left.*kept at step 10"):
         fast_run("bigram_shakespeare", workdir, text_data_dir)
     assert latest(workdir) == 10 and not (workdir / "lock").exists()
+    monkeypatch.undo()
+
+    def full_at_start(self, *args, **kwargs):  # the logger opens metrics.jsonl before the first step
+        raise OSError(errno.ENOSPC, "No space left on device", str(workdir / "metrics.jsonl"))
+
+    monkeypatch.setattr(RunLogger, "__init__", full_at_start)
+    with pytest.raises(WorkdirError, match="cannot write in .*No space left on device"):
+        fast_run("bigram_shakespeare", workdir, text_data_dir)
+    assert latest(workdir) == 10 and not (workdir / "lock").exists()
 
 
 def test_nan_before_the_first_checkpoint_says_so(tmp_path, text_data_dir):

@@ -105,10 +105,12 @@ class Checkpointer:
 
     def _move_aside(self, steps: list[int]) -> None:
         target = self.workdir / "checkpoints-corrupt"
-        target.mkdir(exist_ok=True)
+        if jax.process_index() == 0:
+            target.mkdir(exist_ok=True)
         stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
         for step in steps:
-            (self.directory / str(step)).rename(target / f"{step}-{stamp}")
+            if jax.process_index() == 0:  # the one writer; the others only re-read the folder
+                (self.directory / str(step)).rename(target / f"{step}-{stamp}")
         self.manager.close()
         self.manager = self._manager()  # it caches the list of steps
 

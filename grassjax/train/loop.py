@@ -182,8 +182,12 @@ def train(config, *, workdir: str | pathlib.Path, exp_name: str = "run", data_di
         stack.enter_context(WorkdirLock(workdir) if is_main else contextlib.nullcontext())
         stop = stack.enter_context(StopRequest(print_fn))
         scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="grassjax-")) if not is_main else None
-        return _train(config, workdir=workdir, exp_name=exp_name, data_dir=data_dir, wandb_mode=wandb_mode,
-                      print_fn=print_fn, stop=stop, scratch=scratch)
+        try:
+            return _train(config, workdir=workdir, exp_name=exp_name, data_dir=data_dir, wandb_mode=wandb_mode,
+                          print_fn=print_fn, stop=stop, scratch=scratch)
+        except OSError as err:  # a write before the loop (vocab.json, run_config.json, the logs) on a full disk
+            raise WorkdirError(f"cannot write in {workdir} ({describe_os_error(err)}); free space or pass another "
+                               f"--workdir", exit_code=1) from None
 
 
 def _train(config, *, workdir: pathlib.Path, exp_name: str, data_dir: str | None, wandb_mode: str | None,
