@@ -5,7 +5,7 @@
   process gets one line naming the owner. A lock left by a dead process on this host is taken over.
 * `check_resume` compares the resolved config saved beside the checkpoints (run_config.json) with the
   one about to resume: keys that shape the parameters or the data must match (else one line with the
-  differing keys and the two ways out); keys in RESUMABLE may change, and a changed schedule is said.
+  differing keys and the two ways out); keys in RESUMABLE may change, and a changed optimizer setting is said.
 * `move_aside` is what --restart does: the old workdir becomes <workdir>.previous-<time>, nothing is deleted.
 """
 
