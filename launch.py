@@ -1,18 +1,26 @@
 """Run a named experiment: python launch.py --exp=grassmann_shakespeare [--config.train.steps=500 ...]
 
+Use a trained run (its workdir):
+  python launch.py --exp=grassmann_shakespeare --mode=sample --prompt="ROMEO:" --num_tokens=500 --top_k=40
+  python launch.py --exp=grassmann_shakespeare --mode=evaluate --split=val
+
 Flags:
+  --mode=train|sample|evaluate  train (default), sample from the newest checkpoint, or evaluate a whole split
   --exp=NAME                 which experiment (--list shows them all)
-  --config.<section>.<key>=V override any config field, type-checked (sections: model, data, train, wandb)
+  --config.<section>.<key>=V override any config field, type-checked (sections: model, data, train, stats, wandb)
   --workdir=DIR              checkpoints, metrics.jsonl, W&B files (default runs/<exp>); reruns resume here
   --data_dir=DIR             folder holding tinyshakespeare/input.txt (else $GRASSJAX_DATA_DIR, else a user cache)
   --wandb_mode=MODE          auto | online | offline | disabled (auto: online only with credentials)
+  --restart                  move an existing --workdir aside (to <workdir>.previous-<time>) and start over
   --print_config             print the resolved config and exit
   --coordinator_address, --num_processes, --process_id   multi-host data parallelism (jax.distributed)
+  --distributed_timeout=S    multi-host: seconds to wait for every process to join (default 60)
 """
 
 from __future__ import annotations
 
 import os
+import pathlib
 import sys
 
 from absl import app, flags, logging
@@ -26,9 +34,22 @@ flags.DEFINE_string("workdir", None, "Run directory (default: runs/<exp>). A rer
 flags.DEFINE_string("data_dir", None, "Folder containing tinyshakespeare/input.txt (else $GRASSJAX_DATA_DIR).")
 flags.DEFINE_enum("wandb_mode", "auto", ["auto", "online", "offline", "disabled"], "Weights & Biases mode.")
 flags.DEFINE_bool("print_config", False, "Print the resolved config and exit.")
+flags.DEFINE_bool("restart", False, "Move an existing --workdir aside (renamed <workdir>.previous-<time>) and "
+                  "start over instead of resuming.")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "evaluate"],
+                  "train; sample from the workdir's newest checkpoint; or evaluate it over a whole split.")
+flags.DEFINE_string("prompt", "\n", "--mode=sample: the text to continue.")
+flags.DEFINE_integer("num_tokens", 500, "--mode=sample: tokens to generate per sample.")
+flags.DEFINE_float("temperature", 0.8, "--mode=sample: softmax temperature (0 = greedy).")
+flags.DEFINE_integer("top_k", 0, "--mode=sample: sample among the k most likely tokens (0 = all).")
+flags.DEFINE_integer("num_samples", 1, "--mode=sample: how many samples.")
+flags.DEFINE_integer("seed", 0, "--mode=sample: random seed.")
+flags.DEFINE_string("split", "val", "--mode=evaluate: train, val (or test on WikiText-2).")
+flags.DEFINE_integer("stride", 0, "--mode=evaluate: window stride in tokens (0 = block size: non-overlapping).")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (enables jax.distributed).")
 flags.DEFINE_integer("num_processes", None, "Multi-host: total number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: index of this process (0 logs and writes checkpoints).")
+flags.DEFINE_integer("distributed_timeout", 60, "Multi-host: seconds to wait for every process to join.")
 
 CONFIG_PREFIX = "--config."
 _overrides: dict[str, str] = {}
@@ -67,22 +88,38 @@ def resolve_config(name: str, overrides: dict[str, str]):
 
 
 def run_experiment(name: str, overrides: dict[str, str], *, workdir: str | None, data_dir: str | None,
-                   wandb_mode: str | None):
+                   wandb_mode: str | None, restart: bool = False):
     """Resolve and run one experiment; returns whatever its runner returns."""
     from grassjax.baselines.runner import run_ngram_baselines
     from grassjax.bench.generation import run_generation_benchmark
     from grassjax.bench.scaling import run_scaling_benchmark
+    from grassjax.bench.vs_pytorch import run_vs_pytorch_benchmark
     from grassjax.train.compare import run_comparison
     from grassjax.train.loop import train
     from grassjax.train.tune import run_tuning
 
     experiment, config = resolve_config(name, overrides)
     workdir = workdir or os.path.join("runs", name)
+    if restart:
+        from grassjax.train.workdir import move_aside
+
+        move_aside(pathlib.Path(workdir))
     runners = {"train": train, "compare": run_comparison, "benchmark_scaling": run_scaling_benchmark,
-               "benchmark_generation": run_generation_benchmark, "ngram": run_ngram_baselines,
-               "tune": run_tuning}
+               "benchmark_generation": run_generation_benchmark, "benchmark_vs_pytorch": run_vs_pytorch_benchmark,
+               "ngram": run_ngram_baselines, "tune": run_tuning}
     return runners[experiment.runner](config, workdir=workdir, exp_name=name, data_dir=data_dir,
                                       wandb_mode=wandb_mode)
+
+
+def use_trained_run(mode: str, workdir: str):
+    """--mode=sample / --mode=evaluate: the run's own config (run_config.json) is used, not --config.*."""
+    from grassjax import trained
+
+    if mode == "sample":
+        trained.sample_run(workdir, prompt=FLAGS.prompt, num_tokens=FLAGS.num_tokens, temperature=FLAGS.temperature,
+                           top_k=FLAGS.top_k, num_samples=FLAGS.num_samples, seed=FLAGS.seed)
+    else:
+        trained.evaluate_run(workdir, data_dir=FLAGS.data_dir, split=FLAGS.split, stride=FLAGS.stride)
 
 
 def main(argv):
@@ -102,23 +139,36 @@ def main(argv):
     from grassjax.train.loop import NonFiniteLossError
     from grassjax.train.run_logger import WandbCredentialsError
     from grassjax.train.tune import MissingExtraError
+    from grassjax.train.workdir import WorkdirError
 
-    from grassjax.train.parallel import initialize_distributed
+    from grassjax.train.parallel import DistributedError, initialize_distributed
 
-    initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+    try:
+        initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                               timeout_s=FLAGS.distributed_timeout)
+    except DistributedError as err:
+        if err.stuck:  # a thread is blocked inside jax.distributed: a normal exit would wait on it
+            print(f"launch.py: error: {err}", file=sys.stderr, flush=True)
+            os._exit(2)
+        fail(str(err))
     try:
         if FLAGS.print_config:
             print(resolve_config(FLAGS.exp, _overrides)[1])
             return
+        if FLAGS.mode != "train":
+            use_trained_run(FLAGS.mode, FLAGS.workdir or os.path.join("runs", FLAGS.exp))
+            return
         run_experiment(FLAGS.exp, _overrides, workdir=FLAGS.workdir, data_dir=FLAGS.data_dir,
-                       wandb_mode=FLAGS.wandb_mode)
+                       wandb_mode=FLAGS.wandb_mode, restart=FLAGS.restart)
     except (experiments.UnknownExperimentError, ConfigError, DataError, WandbCredentialsError,
             MissingExtraError) as err:
         fail(str(err))
+    except WorkdirError as err:
+        fail(str(err), code=err.exit_code)
     except NonFiniteLossError as err:
         fail(str(err), code=1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    except KeyboardInterrupt as err:  # saved and stopped (StopRequested: 130 for SIGINT, 143 for SIGTERM)
+        sys.exit(getattr(err, "exit_code", 130))
 
 
 if __name__ == "__main__":

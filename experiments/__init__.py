@@ -47,6 +47,9 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                benchmarks.benchmark_scaling, runner="benchmark_scaling"),
     Experiment("benchmark_scaling_gpu", "benchmark_scaling in bfloat16 at GPU sizes",
                benchmarks.benchmark_scaling_gpu, runner="benchmark_scaling"),
+    Experiment("benchmark_vs_pytorch", "JAX vs PyTorch (eager, torch.compile) train steps of the same LMs, "
+               "interleaved; needs pip install -e .[torch]", benchmarks.benchmark_vs_pytorch,
+               runner="benchmark_vs_pytorch"),
     Experiment("benchmark_generation", "streaming decode tokens/s and cache memory vs context, up to 8k",
                generation.benchmark_generation, runner="benchmark_generation"),
     Experiment("paper_wikitext2_transformer_6l", "paper setting: Transformer, 6 layers, block 128, WikiText-2",

@@ -90,3 +90,23 @@ def benchmark_scaling_gpu() -> ml_collections.ConfigDict:
     )
     cfg.wandb.tags = ("benchmark", "gpu")
     return cfg
+
+
+def benchmark_vs_pytorch() -> ml_collections.ConfigDict:
+    """The CPU LMs' train step in JAX and in the PyTorch port, interleaved: nanoGPT's CPU recipe (block 64,
+    batch 12) and block 256 at the same 768 tokens per step. Needs the torch extra."""
+    cfg = shakespeare.grassmann_shakespeare()  # the CPU model and AdamW settings; the mixer is set per row
+    cfg.bench = ml_collections.ConfigDict(dict(
+        seq_lens=(64, 256),
+        batch_sizes=(12, 3),
+        mixers=("attention", "grassmann"),
+        frameworks=("jax", "torch", "torch_compile"),  # torch_compile is skipped, with the reason, where it fails
+        reps=30,  # interleaved rounds: one step of each implementation per round
+        warmup=3,
+        loss_tolerance=1e-4,  # the first losses from the same weights must agree to this
+        torch_threads=0,  # 0: one per core, as PyTorch's default
+        vocab_size=65,
+        dtype="float32",
+    ))
+    cfg.wandb.tags = ("benchmark", "pytorch")
+    return cfg

@@ -8,3 +8,10 @@ Layers of the package, each depending only on the ones above it:
 """
 
 __version__ = "0.1.0"
+
+
+def load_run(workdir):
+    """(model, vocab, config) of a training run's workdir, from its newest good checkpoint; see grassjax.trained."""
+    from grassjax.trained import load_run as _load_run
+
+    return _load_run(workdir)

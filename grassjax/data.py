@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import pathlib
+import http.client
 import tempfile
 import urllib.request
 from collections.abc import Iterable, Mapping
@@ -85,6 +86,19 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+class DownloadError(DataError):
+    """A download that did not complete; the message is the one-line reason."""
+
+
+def fetch(url: str, timeout: float = DOWNLOAD_TIMEOUT_S) -> bytes:
+    """The whole body at `url`, or DownloadError: refused, unreachable, an HTTP error, a truncated body."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.read()  # raises IncompleteRead when the body is shorter than Content-Length
+    except (OSError, ValueError, http.client.HTTPException) as err:  # URLError, timeouts: OSError
+        raise DownloadError(_one_line(err) or type(err).__name__) from None
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The text
 
@@ -112,11 +126,9 @@ def load_text(data_dir: str | os.PathLike | None = None, *, name: str = "tinysha
     else:
         log.info("Downloading %s to %s", url, path)
         try:
-            with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response:
-                raw = response.read()
-        except (OSError, ValueError) as err:  # URLError, timeouts and refused connections are OSErrors
-            raise DataError(f"{name} not found at {path} and the download from {url} failed "
-                            f"({_one_line(err)}); {fix}") from err
+            raw = fetch(url)
+        except DownloadError as err:
+            raise DataError(f"{name} not found at {path} and the download from {url} failed ({err}); {fix}") from None
         actual = hashlib.sha256(raw).hexdigest()
         if actual != sha256:
             raise DataError(f"the download from {url} has sha256 {actual}, expected {sha256}, so it was not "

@@ -20,9 +20,12 @@ DATA_DIR is --data_dir, else $GRASSJAX_DATA_DIR, else the per-user cache (~/.cac
 are the split sizes of the Hugging Face card for ``wikitext``/``wikitext-2-raw-v1`` (one row per line); the
 byte sizes and sha256s are those that projects pinning the archive publish (the archive's sha256 is also the
 one the Hugging Face ``datasets`` loader checked). Files that do not match them are still used, with a
-warning, so a modified corpus can be trained on deliberately. Nothing is ever downloaded. If the three files
-are missing and the Hugging Face ``datasets`` package is installed with a cached copy of
-``load_dataset("wikitext", "wikitext-2-raw-v1")``, that copy is read offline instead.
+warning, so a modified corpus can be trained on deliberately. If the three files are missing and the Hugging
+Face ``datasets`` package is installed with a cached copy of ``load_dataset("wikitext", "wikitext-2-raw-v1")``,
+that copy is read offline. Otherwise the official archive is downloaded from the addresses in WIKITEXT_URLS,
+tried in order; it must hash to WIKITEXT_ARCHIVE_SHA256 (else nothing is kept), and its three files are
+unpacked into a temporary folder beside DATA_DIR/wikitext-2-raw and renamed into place, so a crash never
+leaves a partial corpus.
 
 How the text becomes tokens
 ---------------------------
@@ -63,8 +66,8 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from grassjax.data import (DATA_DIR_ENV, DataError, _is_writable_dir, _one_line, _write_atomically,
-                           resolve_data_dir, user_cache_dir)
+from grassjax.data import (DATA_DIR_ENV, DataError, DownloadError, _is_writable_dir, _one_line, _write_atomically,
+                           fetch, resolve_data_dir, user_cache_dir)
 
 WIKITEXT_DIR = "wikitext-2-raw"
 WIKITEXT_ARCHIVE = "wikitext-2-raw-v1.zip"
@@ -76,6 +79,11 @@ WIKITEXT_SHA256 = {
     "test": "173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08",
 }
 WIKITEXT_ARCHIVE_SHA256 = "ef7edb566e3e2b2d31b29c1fdb0c89a4cc683597484c3dc2517919c615435a11"
+# Known addresses of the official archive, tried in order when the files are missing.
+WIKITEXT_URLS = (
+    "https://wikitext.smerity.com/wikitext-2-raw-v1.zip",
+    "https://s3.amazonaws.com/research.metamind.io/wikitext/wikitext-2-raw-v1.zip",
+)
 # The Hugging Face names of the same data, read only from a local cache.
 HF_DATASET_NAMES = ("wikitext", "Salesforce/wikitext")
 HF_CONFIG = "wikitext-2-raw-v1"
@@ -279,25 +287,24 @@ def _missing_message(folder: pathlib.Path, missing: Sequence[str]) -> str:
 def _load_from_hf_cache() -> dict[str, bytes] | None:
     """The splits from a locally cached Hugging Face `datasets` copy, offline; None if unavailable.
 
-    Rows are the files' lines ("" for blank ones), so they are joined back into text. Never downloads: the
-    offline switches are set before the call (and on an already-imported `datasets`) and restored after.
+    Rows are the files' lines ("" for blank ones), so they are joined back into text. Offline through the
+    library's documented switches (HF_DATASETS_OFFLINE, HF_HUB_OFFLINE), which it reads when imported: if
+    `datasets` was imported before with them off, this route is skipped rather than risk a download.
+    Install it with the optional extra: pip install -e .[hf].
     """
     env_keys = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+    already_imported = "datasets" in sys.modules
     saved_env = {k: os.environ.get(k) for k in env_keys}
     os.environ.update({k: "1" for k in env_keys})
-    patched: list[tuple[Any, str, Any]] = []
     try:
         try:
-            import datasets  # optional; not a requirement
+            import datasets  # optional (the "hf" extra)
         except ImportError:
             return None
-        for module_name, attrs in (("datasets.config", ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")),
-                                   ("huggingface_hub.constants", ("HF_HUB_OFFLINE",))):
-            module = sys.modules.get(module_name)
-            for attr in attrs:
-                if module is not None and hasattr(module, attr):
-                    patched.append((module, attr, getattr(module, attr)))
-                    setattr(module, attr, True)
+        offline = getattr(getattr(datasets, "config", None), "HF_DATASETS_OFFLINE", True)
+        if already_imported and not offline:
+            log.debug("datasets was imported online before; not reading the Hugging Face cache")
+            return None
         for name in HF_DATASET_NAMES:
             try:
                 ds = datasets.load_dataset(name, HF_CONFIG)
@@ -311,8 +318,6 @@ def _load_from_hf_cache() -> dict[str, bytes] | None:
                 log.debug("No offline Hugging Face copy of %s/%s (%s)", name, HF_CONFIG, _one_line(err))
         return None
     finally:
-        for module, attr, value in reversed(patched):
-            setattr(module, attr, value)
         for k, v in saved_env.items():
             if v is None:
                 os.environ.pop(k, None)
@@ -329,15 +334,72 @@ def load_wikitext2_text(data_dir: str | os.PathLike | None = None) -> tuple[dict
     raw = _read_split_files(folder)
     if raw is None:
         raw = _load_from_hf_cache()
-        if raw is None:
-            raise DataError(_missing_message(folder, list(WIKITEXT_FILES.values())))
-        return raw, folder
+        if raw is not None:
+            return raw, folder
+        download_wikitext2(folder.parent)  # DataError (naming --data_dir) if no address works
+        raw = _read_split_files(folder)
     for split, data in raw.items():
         actual = hashlib.sha256(data).hexdigest()
         if actual != WIKITEXT_SHA256[split]:
             log.warning("%s has sha256 %s, not the official %s; using it anyway",
                         folder / WIKITEXT_FILES[split], actual[:12], WIKITEXT_SHA256[split][:12])
     return raw, folder
+
+
+def download_wikitext2(root: str | os.PathLike, urls: Sequence[str] | None = None,
+                       sha256: str | None = None) -> pathlib.Path:
+    """Download the official archive into root/wikitext-2-raw/ (trying `urls` in order); the folder.
+
+    The archive must hash to `sha256` (WIKITEXT_ARCHIVE_SHA256); only the three files are taken from it,
+    into a temporary folder under root that is renamed into place, so nothing partial is ever kept.
+    """
+    root = pathlib.Path(root)
+    urls = WIKITEXT_URLS if urls is None else urls
+    sha256 = sha256 or WIKITEXT_ARCHIVE_SHA256
+    failures = []
+    for url in urls:
+        log.warning("Downloading %s", url)
+        try:
+            archive = fetch(url)
+        except DownloadError as err:
+            failures.append(f"{url}: {err}")
+            continue
+        actual = hashlib.sha256(archive).hexdigest()
+        if actual != sha256:
+            failures.append(f"{url}: sha256 {actual[:12]}, expected {sha256[:12]}")
+            continue
+        return _unpack(archive, root)
+    missing = _missing_message(root / WIKITEXT_DIR, list(WIKITEXT_FILES.values()))
+    raise DataError(f"{missing}. The download failed, nothing was kept ({'; '.join(failures) or 'no address'})")
+
+
+def _unpack(archive: bytes, root: pathlib.Path) -> pathlib.Path:
+    import io
+    import shutil
+    import zipfile
+
+    target = root / WIKITEXT_DIR
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = pathlib.Path(tempfile.mkdtemp(dir=root, prefix=f".{WIKITEXT_DIR}-"))
+    except OSError as err:
+        raise DataError(f"cannot write the downloaded WikiText-2 to {root} ({_one_line(err)}); pass "
+                        f"--data_dir=DIR pointing at a writable folder") from None
+    try:
+        with zipfile.ZipFile(io.BytesIO(archive)) as zf:
+            for name in WIKITEXT_FILES.values():  # only these, by name: no path in the archive is trusted
+                (tmp / name).write_bytes(zf.read(f"{WIKITEXT_DIR}/{name}"))
+        os.rename(tmp, target)  # atomic; fails if another process unpacked it first, which is as good
+    except (KeyError, zipfile.BadZipFile) as err:
+        raise DataError(f"the WikiText-2 archive does not hold {WIKITEXT_DIR}/ and its three files "
+                        f"({_one_line(err)}); nothing was kept") from None
+    except OSError as err:
+        if not all((target / n).is_file() for n in WIKITEXT_FILES.values()):
+            raise DataError(f"cannot unpack WikiText-2 into {target} ({_one_line(err)}); pass --data_dir=DIR "
+                            f"pointing at a writable folder") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
 
 
 def _decode(data: bytes, split: str) -> str:

@@ -9,7 +9,7 @@ import experiments
 from grassjax.nn import ModelConfig
 from grassjax.train import compare
 from grassjax.train.config import apply_overrides, validate
-from tests.test_ngram import _fake_result
+from tests.test_ngram import _fake_evals, _fake_result
 from tests.test_train import run
 
 
@@ -32,10 +32,10 @@ def test_ablation_config_has_every_arm_and_each_is_a_valid_model():
 
 
 def test_waterfall_and_gap_columns_from_known_losses():
-    # Best val losses (last history entry, loss + 1/10): reference 2.3, half-way arm 2.1, baseline 1.9.
+    # Whole-split val losses: reference 2.3 (two seeds), half-way arm 2.1, baseline 1.9.
     results = {"grassmann": [_fake_result(2.2), _fake_result(2.2)], "better": [_fake_result(2.0)],
                "transformer": [_fake_result(1.8)]}
-    rows = compare.summarise(results)
+    rows = compare.summarise(results, _fake_evals({"grassmann": [2.25, 2.35], "better": [2.1], "transformer": [1.9]}))
     steps = compare.waterfall(rows, reference="grassmann", baseline="transformer",
                               changes={"better": {"offsets": [1, 2]}})
     by_arm = {s["arm"]: s for s in steps}
@@ -58,7 +58,7 @@ def test_tiny_ablation_end_to_end(tmp_path, text_data_dir):
     report = (workdir / "report" / "report.md").read_text()
     summary = json.loads((workdir / "report" / "summary.json").read_text())
     # Every number comes from the runs' own result files.
-    best = {arm: json.loads((workdir / arm / "seed0" / "result.json").read_text())["best_val_loss"]
+    best = {arm: json.loads((workdir / arm / "seed0" / "eval-val.json").read_text())["loss"]
             for arm in ("grassmann", "conv", "transformer")}
     gap = best["grassmann"] - best["transformer"]
     steps = {s["arm"]: s for s in result["waterfall"]}

@@ -22,6 +22,11 @@ def test_tiny_comparison_writes_report_plots_and_wandb_statistics(tmp_path, text
     assert "| grassmann |" in report and "| transformer |" in report and "## Sample: grassmann" in report
     rows = {r["arm"]: r for r in result["rows"]}
     assert rows["grassmann"]["seeds"] == rows["transformer"]["seeds"] == 2
+    # Final numbers are the whole-split evaluation of each run, averaged over seeds.
+    import json
+
+    full = [json.loads((workdir / "grassmann" / f"seed{s}" / "eval-val.json").read_text())["loss"] for s in (0, 1)]
+    assert rows["grassmann"]["val_loss"] == np.mean(full) and "val loss (whole split)" in report
     for png in ("val_loss.png", "attention_entropy.png", "grassmann_gate.png"):
         assert (workdir / "report" / png).stat().st_size > 10_000
     # Both arms' offline W&B runs carry their statistics, and images.

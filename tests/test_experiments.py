@@ -66,3 +66,19 @@ def test_validate_rejects_impossible_values():
         validate(apply_overrides(default_config(), {"train.batch_size": "0"}))
     with pytest.raises(ConfigError, match="divisible"):
         validate(apply_overrides(default_config(), {"model.num_heads": "3"}))
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"train.keep_checkpoints": "0"}, r"train.keep_checkpoints=0 is out of range; allowed: \[1, inf\)"),
+    ({"model.d_model": "0"}, r"model.d_model=0 is out of range; allowed: \[1, inf\)"),
+    ({"train.learning_rate": "-1"}, r"train.learning_rate=-1.0 is out of range; allowed: \(0, inf\)"),
+    ({"train.warmup_steps": "-10"}, r"train.warmup_steps=-10 is out of range; allowed: \[0, inf\)"),
+    ({"model.rank": "512"}, r"model.rank=512 must be <= model.d_model=128"),
+    ({"model.offsets": "1,64"}, r"every offset must be < data.block_size=64"),
+    ({"train.min_lr": "1"}, r"train.min_lr=1.0 must be <="),
+    ({"data.val_fraction": "1.5"}, r"data.val_fraction=1.5 is out of range; allowed: \(0, 1\)"),
+])
+def test_validate_checks_every_range_and_names_the_key(overrides, match):
+    cfg = apply_overrides(experiments.get_experiment("grassmann_shakespeare").get_config(), overrides)
+    with pytest.raises(ConfigError, match=match):
+        validate(cfg)

@@ -116,13 +116,18 @@ def _fake_result(loss, steps=(5, 10)):
                        sample="x", history=history)
 
 
+def _fake_evals(losses):
+    """What grassjax.trained.evaluate_run returns, per arm and seed: the whole-split val loss."""
+    return {arm: [{"loss": x, "tokens_scored": 1000} for x in values] for arm, values in losses.items()}
+
+
 def test_comparison_report_has_ngram_rows_and_plot_lines(tmp_path, monkeypatch):
     import matplotlib.axes
 
     from grassjax.train import compare
 
     results = {"grassmann": [_fake_result(2.2)], "transformer": [_fake_result(1.9)]}
-    rows = compare.summarise(results)
+    rows = compare.summarise(results, _fake_evals({"grassmann": [2.3], "transformer": [2.0]}))
     ngram_rows = [dict(name="KN 6-gram (5 tokens of context)", context=5, order=6, val_loss=1.5, val_ppl=math.exp(1.5),
                        val_bpc=1.5 / math.log(2), fit_s=0.1, score_s=0.2)]
     text = compare.report_markdown(rows, {}, exp_name="x", steps=10, baseline="transformer", ngram_rows=ngram_rows)

@@ -374,3 +374,23 @@ def test_reader_reassembles_fragments_and_skips_block_padding(tmp_path):
     path.write_bytes(b"LEVELDB" + data[7:])
     with pytest.raises(wandb_offline.RunFileError, match="not a W&B run file"):
         list(wandb_offline.iter_raw_records(path))
+
+
+def test_online_with_a_key_but_a_silent_server_falls_back_to_offline_within_the_cap(tmp_path, monkeypatch,
+                                                                                   local_wandb_server):
+    """A server that accepts and never answers (no network, a proxy black hole): wandb alone waits 90 s."""
+    from grassjax.train import run_logger
+
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setattr(run_logger, "WANDB_INIT_TIMEOUT_S", 3.0)
+    lines = []
+    start = time.monotonic()
+    logger = make_logger(tmp_path / "run", mode="online", lines=lines)
+    try:
+        assert time.monotonic() - start < 30
+        assert logger.mode == "offline"
+        assert len(lines) == 1 and "online init failed within 3s" in lines[0] and "wandb sync " in lines[0], lines
+        logger.log({"loss": 1.0}, step=1)
+    finally:
+        logger.finish()
+    assert read_metrics_jsonl(tmp_path / "run" / "metrics.jsonl") == [{"step": 1, "loss": 1.0}]

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from grassjax.baselines.runner import fit_ngram_lines
+from grassjax.trained import evaluate_run
 from grassjax.train.loop import TrainResult, train
 from grassjax.train.run_logger import RunLogger
 
@@ -39,15 +40,21 @@ def _mean_std(values):
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
-def summarise(results: dict[str, list[TrainResult]]) -> list[dict]:
-    """One row per arm: means (and std over seeds) of the headline numbers."""
+def summarise(results: dict[str, list[TrainResult]], evals: dict[str, list[dict]]) -> list[dict]:
+    """One row per arm: means (and std over seeds) of the headline numbers.
+
+    The final numbers (val_loss, bpc) are from the evaluation over the whole validation split
+    (grassjax.trained.evaluate_run); best_val_loss is the sampled-window estimate the curves use.
+    """
     rows = []
     for arm, runs in results.items():
         loss_mean, loss_std = _mean_std([r.best_val_loss for r in runs])
+        full_mean, full_std = _mean_std([e["loss"] for e in evals[arm]])
         rows.append(dict(
             arm=arm, seeds=len(runs), params=runs[0].params["total"],
+            val_loss=full_mean, val_loss_std=full_std, val_tokens=evals[arm][0]["tokens_scored"],
             best_val_loss=loss_mean, best_val_loss_std=loss_std,
-            bpc=loss_mean / math.log(2), bpc_std=loss_std / math.log(2),
+            bpc=full_mean / math.log(2), bpc_std=full_std / math.log(2),
             tokens_per_s=float(np.mean([r.tokens_per_s for r in runs])),
             step_time_ms=float(np.mean([r.step_time_ms for r in runs])),
             step_memory_mb=runs[0].step_memory_bytes / 2**20,
@@ -58,11 +65,11 @@ def summarise(results: dict[str, list[TrainResult]]) -> list[dict]:
 
 
 def add_gaps(rows: list[dict], baseline: str) -> list[dict]:
-    """Each row plus its gap to the `baseline` arm: delta_loss (nats/token, positive = worse), its
-    perplexity ratio e^delta_loss, and gap_pct (relative loss difference, the older column)."""
-    base = next(r for r in rows if r["arm"] == baseline)["best_val_loss"]
-    return [dict(r, delta_loss=r["best_val_loss"] - base, ppl_ratio=math.exp(r["best_val_loss"] - base),
-                 gap_pct=100 * (r["best_val_loss"] / base - 1)) for r in rows]
+    """Each row plus its gap to the `baseline` arm in the headline val loss (whole split): delta_loss
+    (nats/token, positive = worse), the perplexity ratio e^delta_loss, and gap_pct (relative difference)."""
+    base = next(r for r in rows if r["arm"] == baseline)["val_loss"]
+    return [dict(r, delta_loss=r["val_loss"] - base, ppl_ratio=math.exp(r["val_loss"] - base),
+                 gap_pct=100 * (r["val_loss"] / base - 1)) for r in rows]
 
 
 def describe_change(changes: dict) -> str:
@@ -73,36 +80,37 @@ def describe_change(changes: dict) -> str:
 def waterfall(rows: list[dict], *, reference: str, baseline: str, changes: dict[str, dict] | None = None) -> list[dict]:
     """How much of the `reference` arm's gap to `baseline` each other arm closes.
 
-    gap = L(reference) - L(baseline), in nats/token (mean best val loss over seeds). For arm a,
-    closed = L(reference) - L(a) and closed_share = closed / gap: 0 = no better than the reference,
-    1 = all the way to the baseline, > 1 = beyond it, < 0 = worse than the reference. closed_se is the
-    standard error of `closed` from the seed spreads of both arms (0 with one seed).
+    gap = L(reference) - L(baseline), L the headline val loss (final model, whole validation split,
+    mean over seeds), in nats/token. For arm a, closed = L(reference) - L(a) and closed_share =
+    closed / gap: 0 = no better than the reference, 1 = all the way to the baseline, > 1 = beyond it,
+    < 0 = worse than the reference. closed_se is the standard error of `closed` from the seed spreads of
+    both arms (0 with one seed).
     """
     by_arm = {r["arm"]: r for r in rows}
     ref, base = by_arm[reference], by_arm[baseline]
-    gap = ref["best_val_loss"] - base["best_val_loss"]
+    gap = ref["val_loss"] - base["val_loss"]
     out = []
     for r in rows:
-        closed = ref["best_val_loss"] - r["best_val_loss"]
-        se = math.sqrt(r["best_val_loss_std"] ** 2 / r["seeds"] + ref["best_val_loss_std"] ** 2 / ref["seeds"]) \
+        closed = ref["val_loss"] - r["val_loss"]
+        se = math.sqrt(r["val_loss_std"] ** 2 / r["seeds"] + ref["val_loss_std"] ** 2 / ref["seeds"]) \
             if r["arm"] != reference else 0.0
         out.append(dict(arm=r["arm"], change=describe_change((changes or {}).get(r["arm"], {})),
-                        best_val_loss=r["best_val_loss"], delta_loss=r["best_val_loss"] - base["best_val_loss"],
-                        ppl_ratio=math.exp(r["best_val_loss"] - base["best_val_loss"]), closed=closed, closed_se=se,
-                        closed_share=closed / gap if gap != 0 else math.nan))
+                        val_loss=r["val_loss"], best_val_loss=r["best_val_loss"],
+                        delta_loss=r["val_loss"] - base["val_loss"], ppl_ratio=math.exp(r["val_loss"] - base["val_loss"]),
+                        closed=closed, closed_se=se, closed_share=closed / gap if gap != 0 else math.nan))
     return out
 
 
 def waterfall_markdown(steps: list[dict], *, reference: str, baseline: str) -> str:
     gap = next(s for s in steps if s["arm"] == baseline)["closed"]
     lines = [f"## Waterfall: how much of the `{reference}` → `{baseline}` gap each arm closes", "",
-             f"Gap = L({reference}) − L({baseline}) = {gap:+.4f} nats/token (ppl ratio {math.exp(gap):.3f}). "
-             f"closed = L({reference}) − L(arm), ± its standard error over seeds; share = closed / gap "
-             "(1 = matches the baseline, negative = worse than the reference).", "",
-             "| arm | change from the base config | best val loss | Δ vs baseline | ppl ratio | closed (nats) "
+             f"Gap = L({reference}) − L({baseline}) = {gap:+.4f} nats/token (ppl ratio {math.exp(gap):.3f}), L the "
+             "val loss over the whole split. closed = L({0}) − L(arm), ± its standard error over seeds; share = "
+             "closed / gap (1 = matches the baseline, negative = worse than the reference).".format(reference), "",
+             "| arm | change from the base config | val loss | Δ vs baseline | ppl ratio | closed (nats) "
              "| share of gap closed |", "|---|---|---|---|---|---|---|"]
     for s in steps:
-        lines.append(f"| {s['arm']} | {s['change']} | {s['best_val_loss']:.4f} | {s['delta_loss']:+.4f} | "
+        lines.append(f"| {s['arm']} | {s['change']} | {s['val_loss']:.4f} | {s['delta_loss']:+.4f} | "
                      f"{s['ppl_ratio']:.3f} | {s['closed']:+.4f} ± {s['closed_se']:.4f} | {100 * s['closed_share']:+.1f}% |")
     return "\n".join(lines)
 
@@ -115,26 +123,30 @@ def report_markdown(rows: list[dict], samples: dict[str, str], *, exp_name: str,
     base = next(r for r in rows if r["arm"] == baseline)
     rows = add_gaps(rows, baseline)
     lines = [f"# {exp_name}: {', '.join(r['arm'] for r in rows)}", "",
-             f"{steps} steps per run; mean ± std over seeds. Gaps are to `{baseline}` (positive = worse than it): "
-             "Δ loss in nats/token, the perplexity ratio e^Δ, and the relative loss difference.", "",
-             "| arm | params | best val loss | Δ loss | ppl ratio | gap | bits/char | tokens/s | step (ms) "
-             "| step memory (MiB) | GFLOP/step | wall (s) | seeds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"{steps} steps per run; mean ± std over seeds. Val loss and bits/char: the final model over the "
+             f"whole validation split ({base['val_tokens']:,} tokens, non-overlapping windows; "
+             "`launch.py --mode=evaluate`); best (sampled) is the best of the evaluations on sampled windows "
+             f"during training, as in the curves. Gaps are in val loss to `{baseline}` (positive = worse than it): "
+             "Δ loss in nats/token, the perplexity ratio e^Δ, and the relative difference.", "",
+             "| arm | params | val loss (whole split) | Δ loss | ppl ratio | gap | bits/char | best val loss (sampled) "
+             "| tokens/s | step (ms) | step memory (MiB) | GFLOP/step | wall (s) | seeds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['arm']} | {r['params']:,} | {r['best_val_loss']:.4f} ± {r['best_val_loss_std']:.4f} | "
-            f"{r['delta_loss']:+.4f} | {r['ppl_ratio']:.3f} | {r['gap_pct']:+.2f}% | "
-            f"{r['bpc']:.3f} ± {r['bpc_std']:.3f} | {r['tokens_per_s']:,.0f} | "
+            f"| {r['arm']} | {r['params']:,} | {r['val_loss']:.4f} ± {r['val_loss_std']:.4f} | "
+            f"{r['delta_loss']:+.4f} | {r['ppl_ratio']:.3f} | {r['gap_pct']:+.2f}% | {r['bpc']:.3f} ± {r['bpc_std']:.3f} | "
+            f"{r['best_val_loss']:.4f} ± {r['best_val_loss_std']:.4f} | {r['tokens_per_s']:,.0f} | "
             f"{r['step_time_ms']:.1f} | {r['step_memory_mb']:.1f} | {r['gflops_per_step']:.2f} | "
             f"{r['wall_time_s']:.0f} | {r['seeds']} |")
     for r in ngram_rows:  # count-based references: same split, no parameters trained
-        delta = r["val_loss"] - base["best_val_loss"]
-        gap = 100 * (r["val_loss"] / base["best_val_loss"] - 1)
+        delta = r["val_loss"] - base["val_loss"]
+        gap = 100 * (r["val_loss"] / base["val_loss"] - 1)
         lines.append(f"| {r['name']} | — | {r['val_loss']:.4f} | {delta:+.4f} | {math.exp(delta):.3f} | {gap:+.2f}% | "
-                     f"{r['val_bpc']:.3f} | — | — | — | — | {r['fit_s'] + r['score_s']:.1f} | — |")
+                     f"{r['val_bpc']:.3f} | — | — | — | — | — | {r['fit_s'] + r['score_s']:.1f} | — |")
     if ngram_rows:
         lines += ["", "n-gram rows: interpolated Kneser–Ney fitted on the training split and scored on every "
-                  "validation token (grassjax.baselines); drawn as dashed lines on the val-loss plot."]
+                  "validation token with up to its context length before it (grassjax.baselines); drawn as dashed "
+                  "lines on the val-loss plot."]
     lines += ["", "Step memory and GFLOP/step are XLA's own analysis of the compiled train step; "
               "tokens/s and step time are medians over logging windows, compilation excluded.", ""]
     if waterfall_steps:
@@ -227,15 +239,19 @@ def run_comparison(config, *, workdir, exp_name: str, data_dir: str | None = Non
     seeds = [config.train.seed + i for i in range(config.compare.seeds)]
     group = config.wandb.group or exp_name
     results: dict[str, list[TrainResult]] = {}
+    evals: dict[str, list[dict]] = {}
     for seed in seeds:  # seed-major: an interrupted comparison still has every arm at the first seeds
         for arm in arms:
             print_fn(f"== {exp_name}: arm {arm}, seed {seed} ==")
             cfg = arm_config(config, arm, seed, group)
+            run_dir = workdir / arm / f"seed{seed}"
             results.setdefault(arm, []).append(
-                train(cfg, workdir=workdir / arm / f"seed{seed}", exp_name=f"{exp_name}-{arm}", data_dir=data_dir,
+                train(cfg, workdir=run_dir, exp_name=f"{exp_name}-{arm}", data_dir=data_dir,
                       wandb_mode=wandb_mode, print_fn=print_fn))
+            evals.setdefault(arm, []).append(evaluate_run(run_dir, data_dir=data_dir, split="val",
+                                                          print_fn=lambda *_: None))
 
-    rows = summarise(results)
+    rows = summarise(results, evals)
     # Count-based references on the same split (seconds of NumPy; none unless compare.ngram_contexts is set).
     ngram_rows = fit_ngram_lines(config, contexts=config.compare.get("ngram_contexts", ()), data_dir=data_dir)
     report_dir = workdir / "report"
@@ -248,7 +264,7 @@ def run_comparison(config, *, workdir, exp_name: str, data_dir: str | None = Non
             raise ValueError(f"compare.waterfall_reference {reference!r} and compare.baseline "
                              f"{config.compare.baseline!r} must both be among the arms run: {list(results)}")
         waterfall_steps = waterfall(rows, reference=reference, baseline=config.compare.baseline,
-                          changes={arm: config.arms[arm].to_dict() for arm in results})
+                                    changes={arm: config.arms[arm].to_dict() for arm in results})
     text = report_markdown(rows, samples, exp_name=exp_name, steps=config.train.steps, baseline=config.compare.baseline,
                            ngram_rows=ngram_rows, waterfall_steps=waterfall_steps, waterfall_reference=reference)
     (report_dir / "report.md").write_text(text)

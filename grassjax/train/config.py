@@ -125,19 +125,84 @@ def apply_overrides(cfg: ml_collections.ConfigDict, overrides: dict[str, str]) -
     return cfg
 
 
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """Allowed values of one numeric key: lo <= v <= hi (or < when open); None = unbounded."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def contains(self, v) -> bool:
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+
+    def __str__(self) -> str:
+        left = "(" if self.lo_open or self.lo is None else "["
+        right = ")" if self.hi_open or self.hi is None else "]"
+        lo = "-inf" if self.lo is None else f"{self.lo:g}"
+        hi = "inf" if self.hi is None else f"{self.hi:g}"
+        return f"{left}{lo}, {hi}{right}"
+
+
+POSITIVE, NON_NEGATIVE, UNIT_OPEN = Range(1), Range(0), Range(0, 1, lo_open=True, hi_open=True)
+# Every numeric key's allowed range, in one place. Cross-key rules (rank <= d_model, offsets < block size,
+# min_lr <= learning_rate) are in validate below.
+RANGES: dict[str, Range] = {
+    "model.num_layers": POSITIVE, "model.d_model": POSITIVE, "model.num_heads": POSITIVE, "model.d_ff": POSITIVE,
+    "model.rank": Range(2), "model.grassmann_eps": Range(0, lo_open=True), "model.dropout": Range(0, 1, hi_open=True),
+    "model.init_std": Range(0, lo_open=True),
+    "data.block_size": POSITIVE, "data.val_fraction": UNIT_OPEN, "data.vocab_size": Range(16, 65536),
+    "train.seed": NON_NEGATIVE, "train.steps": POSITIVE, "train.epochs": NON_NEGATIVE, "train.stop_after": NON_NEGATIVE,
+    "train.batch_size": POSITIVE, "train.per_device_batch_size": NON_NEGATIVE, "train.grad_accum_steps": POSITIVE,
+    "train.learning_rate": Range(0, lo_open=True), "train.min_lr": NON_NEGATIVE, "train.warmup_steps": NON_NEGATIVE,
+    "train.weight_decay": NON_NEGATIVE, "train.beta1": Range(0, 1, hi_open=True),
+    "train.beta2": Range(0, 1, hi_open=True), "train.grad_clip": Range(0, lo_open=True),
+    "train.log_every": POSITIVE, "train.eval_every": POSITIVE, "train.eval_batches": POSITIVE,
+    "train.checkpoint_every": POSITIVE, "train.keep_checkpoints": POSITIVE, "train.sample_tokens": NON_NEGATIVE,
+    "train.temperature": NON_NEGATIVE, "train.top_k": NON_NEGATIVE,
+    "stats.probe_batch": POSITIVE, "stats.hist_bins": POSITIVE,
+}
+
+
+def _lookup(cfg: ml_collections.ConfigDict, key: str):
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _check_model(where: str, model: dict, block_size: int) -> None:
+    """The cross-key rules of one model section (or comparison arm)."""
+    prefix = "model" if where == "model" else where
+    if model.get("kind", "lm") != "lm":
+        return
+    if model["mixer"] == "grassmann":
+        if model["rank"] > model["d_model"]:
+            raise ConfigError(f"--config.{prefix}.rank={model['rank']} must be <= model.d_model={model['d_model']} "
+                              f"(it is the reduced dimension of d_model)")
+        if max(model["offsets"], default=0) >= block_size:
+            raise ConfigError(f"--config.{prefix}.offsets={tuple(model['offsets'])}: every offset must be < "
+                              f"data.block_size={block_size}, else it never sees a token")
+
+
 def validate(cfg: ml_collections.ConfigDict) -> None:
-    """Fail early, with the key to fix, on values no run could use."""
-    tc = cfg.train
-    positive = {"train.steps": tc.steps, "train.batch_size": tc.batch_size, "train.eval_every": tc.eval_every,
-                "train.log_every": tc.log_every, "train.eval_batches": tc.eval_batches,
-                "train.checkpoint_every": tc.checkpoint_every, "data.block_size": cfg.data.block_size}
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"--config.{key} must be positive, got {value}")
+    """Fail early, with the key to fix and its allowed range, on values no run could use."""
+    for key, allowed in RANGES.items():
+        value = _lookup(cfg, key)
+        if value is None or isinstance(value, bool):
+            continue
+        if not allowed.contains(value):
+            raise ConfigError(f"--config.{key}={value} is out of range; allowed: {allowed}")
+    if cfg.train.min_lr > cfg.train.learning_rate:
+        raise ConfigError(f"--config.train.min_lr={cfg.train.min_lr} must be <= "
+                          f"train.learning_rate={cfg.train.learning_rate}")
     if cfg.data.dataset not in ("tinyshakespeare", "wikitext2"):
         raise ConfigError(f"--config.data.dataset must be tinyshakespeare or wikitext2, got {cfg.data.dataset!r}")
-    if not 0 < cfg.data.val_fraction < 1:
-        raise ConfigError(f"--config.data.val_fraction must be in (0, 1), got {cfg.data.val_fraction}")
     variants = {"model": {}}
     if "arms" in cfg:  # comparison configs: each arm overrides some model fields
         # Only the arms that will run: a screening override (say model.num_layers=2) need not suit the others.
@@ -149,7 +214,9 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"--config.compare.arms: unknown arm(s) {unknown}; defined: {', '.join(cfg.arms.keys())}")
         variants.update({f"arms.{name}": cfg.arms[name].to_dict() for name in selected})
     for where, changes in variants.items():
+        merged = {**cfg.model.to_dict(), **changes}
         try:
-            ModelConfig.from_mapping({**cfg.model.to_dict(), **changes, "block_size": cfg.data.block_size})
+            ModelConfig.from_mapping({**merged, "block_size": cfg.data.block_size})
         except ValueError as err:
             raise ConfigError(f"{where}: {err}") from None
+        _check_model(where, merged, cfg.data.block_size)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import pathlib
 import signal
+import tempfile
 import threading
 import time
 from typing import Any, Callable
@@ -27,34 +29,48 @@ from grassjax.train.parallel import batch_layout, make_mesh, replicate, replicat
 from grassjax.train.probe import flatten_scalars, histograms, make_probe, map_figures
 from grassjax.train.run_logger import RunLogger, read_metrics_jsonl
 from grassjax.train.step import TrainState, loss_report, make_eval_step, make_train_step
+from grassjax.train.workdir import WorkdirError, WorkdirLock, check_resume, describe_os_error, prepare_workdir
+
+
+class StopRequested(KeyboardInterrupt):
+    """The run stopped on request (SIGINT or SIGTERM) after saving; exit_code is 128 + the signal number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum
 
 
 class StopRequest:
-    """Turns the first Ctrl-C into a request to stop after the current step (and save).
+    """Turns the first SIGINT (Ctrl-C) or SIGTERM (Slurm, Kubernetes, preemption) into a request to stop
+    after the current step and save.
 
     The step and any checkpoint being written are allowed to finish, so the
-    saved state is consistent. A second Ctrl-C interrupts at once.
+    saved state is consistent. A second signal interrupts at once.
     """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self, print_fn):
         self.requested = False
+        self.signum = signal.SIGINT
         self.print_fn = print_fn
-        self.previous = None
+        self.previous = {}
 
     def _handle(self, signum, frame):
         if self.requested:
             raise KeyboardInterrupt
-        self.requested = True
-        self.print_fn("Ctrl-C: stopping after this step and saving a checkpoint (press again to abort at once)")
+        self.requested, self.signum = True, signum
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        self.print_fn(f"{name}: stopping after this step and saving a checkpoint (send it again to abort at once)")
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self.previous = signal.signal(signal.SIGINT, self._handle)
+            self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
         return self
 
     def __exit__(self, *exc):
-        if self.previous is not None:
-            signal.signal(signal.SIGINT, self.previous)
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
         return False
 
 
@@ -155,21 +171,45 @@ def train(config, *, workdir: str | pathlib.Path, exp_name: str = "run", data_di
     on_eval(step, metrics), if given, runs after every evaluation; returning True stops training there
     (checkpoint saved, W&B run finished normally, result.final_step < steps). Hyperparameter search uses
     it to report intermediate losses and prune.
+
+    The workdir is checked writable and locked for the whole run (process 0), and SIGINT/SIGTERM
+    are turned into "save and stop" (StopRequested) from the start.
     """
     workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    tc = config.train
+    is_main = jax.process_index() == 0  # only process 0 logs to W&B, prints and writes the workdir
+    if is_main:
+        prepare_workdir(workdir)
+    else:
+        print_fn(f"process {jax.process_index()} of {jax.process_count()}: training in step with process 0, "
+                 f"which prints and writes {workdir}")
+        print_fn = lambda *_: None  # noqa: E731
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(WorkdirLock(workdir) if is_main else contextlib.nullcontext())
+        stop = stack.enter_context(StopRequest(print_fn))
+        scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="grassjax-")) if not is_main else None
+        try:
+            return _train(config, workdir=workdir, exp_name=exp_name, data_dir=data_dir, wandb_mode=wandb_mode,
+                          print_fn=print_fn, stop=stop, scratch=scratch, on_eval=on_eval)
+        except OSError as err:  # a write before the loop (vocab.json, run_config.json, the logs) on a full disk
+            raise WorkdirError(f"cannot write in {workdir} ({describe_os_error(err)}); free space or pass another "
+                               f"--workdir", exit_code=1) from None
 
+
+def _train(config, *, workdir: pathlib.Path, exp_name: str, data_dir: str | None, wandb_mode: str | None,
+           print_fn: Callable[[str], None], stop: StopRequest, scratch: str | None,
+           on_eval: Callable[[int, dict[str, float]], bool] | None = None) -> TrainResult:
+    tc = config.train
     mesh = make_mesh()
     layout = batch_layout(tc)  # fails early, naming the keys, if the batch does not split over the devices
-    is_main = jax.process_index() == 0  # only process 0 logs to W&B and prints
+    is_main = jax.process_index() == 0
     dataset = load_dataset(config.data, data_dir)
     if tc.epochs > 0:  # the paper's budgets are in epochs: turn them into optimizer steps
         config = ml_collections.ConfigDict(config.to_dict())
         config.train.steps = math.ceil(tc.epochs * len(dataset.train) / (layout.global_batch * config.data.block_size))
         tc = config.train
     model_cfg = model_config_from(config, dataset.vocab.size)
-    (workdir / "vocab.json").write_text(json.dumps(dataset.vocab.to_dict()))
+    if is_main:
+        (workdir / "vocab.json").write_text(json.dumps(dataset.vocab.to_dict()))
     model = build_model(model_cfg, seed=tc.seed)
     counts = param_counts(model)
     graphdef, params = nnx.split(model, nnx.Param)
@@ -178,10 +218,12 @@ def train(config, *, workdir: str | pathlib.Path, exp_name: str = "run", data_di
 
     checkpointer = Checkpointer(workdir, max_to_keep=tc.keep_checkpoints)
     start_step = checkpointer.latest_step()
+    # Refuse a workdir written by another config before touching its checkpoints.
+    check_resume(workdir, config.to_dict(), has_checkpoint=start_step is not None, write=is_main, print_fn=print_fn)
     state = replicate(state, mesh)
     if start_step is not None:
-        state = checkpointer.restore(state)
-        print_fn(f"Resuming from step {start_step} in {checkpointer.directory}")
+        state = checkpointer.restore_newest_good(state, print_fn)
+        print_fn(f"Resuming from step {int(state.step)} in {checkpointer.directory}")
     start_step = int(state.step)
     # Forget what a crashed run logged past its last checkpoint; recover the evals before it.
     history = [r for r in rewind_metrics(workdir / "metrics.jsonl", start_step) if "val/loss" in r]
@@ -232,10 +274,9 @@ def train(config, *, workdir: str | pathlib.Path, exp_name: str = "run", data_di
         return dataset.vocab.decode(np.asarray(tokens[0]))
 
     identity = _wandb_identity(config, exp_name)
-    if not is_main:  # other hosts keep a local metrics copy but stay off W&B and the console
-        workdir_log, wandb_mode, print_fn = workdir / f"process{jax.process_index()}", "disabled", lambda *_: None
-    else:
-        workdir_log = workdir
+    workdir_log = workdir
+    if not is_main:  # other processes stay off W&B, the console and the workdir: their logs go to a temp dir
+        workdir_log, wandb_mode = pathlib.Path(scratch), "disabled"
     logger = RunLogger(workdir=workdir_log, config=config.to_dict(), mode=wandb_mode, job_type="train",
                        print_fn=print_fn, **identity)
     logger.set_summary({"params/total": counts["total"], "params/non_embedding": counts["non_embedding"]})
@@ -274,66 +315,79 @@ def train(config, *, workdir: str | pathlib.Path, exp_name: str = "run", data_di
             metrics.update(log_statistics(state, step))
         logger.log_table("samples", ["step", "text"], [[step, sample]], step=step)
         history.append({"step": step, **metrics})
-        progress.write(f"step {step:>6} | train {metrics['eval_train/loss']:.4f} | val {metrics['val/loss']:.4f} "
-                       f"| val bpc {metrics['val/bpc']:.3f}")
+        if is_main:  # progress.write prints even where the bar is disabled
+            progress.write(f"step {step:>6} | train {metrics['eval_train/loss']:.4f} | val {metrics['val/loss']:.4f} "
+                           f"| val bpc {metrics['val/bpc']:.3f}")
+
+    def kept_message() -> str:
+        kept = checkpointer.latest_step()
+        if kept is None:
+            return "no checkpoint had been saved yet"
+        return f"last good checkpoint kept at step {kept} in {checkpointer.directory}"
 
     def check_finite(metrics, step) -> float:
         loss = float(metrics["loss"])  # blocks until the step is done
         if not math.isfinite(loss):
             raise NonFiniteLossError(
-                f"non-finite training loss ({loss}) at step {step}; last good checkpoint kept at step "
-                f"{checkpointer.latest_step()} in {checkpointer.directory}. Lower "
+                f"non-finite training loss ({loss}) at step {step}; {kept_message()}. Lower "
                 f"--config.train.learning_rate or raise --config.train.warmup_steps and rerun."
             )
         return loss
 
     try:
-        with StopRequest(print_fn) as stop:
-            while step < stop_at and not stop.requested:
-                x, y = batch_at(step)
-                state, metrics = train_step(state, x, y)
-                step += 1
-                window_steps += 1
-                if step % tc.log_every == 0 or step == stop_at:
-                    loss = check_finite(metrics, step)
-                    step_time = (time.perf_counter() - window_start) / window_steps
-                    step_times.append(step_time)
-                    logger.log({"train/loss": loss, "train/bpc": loss / math.log(2),
-                                "train/grad_norm": float(metrics["grad_norm"]),
-                                "train/update_norm": float(metrics["update_norm"]),
-                                "train/lr": float(schedule(step - 1)),
-                                "perf/step_time_ms": 1000 * step_time,
-                                "perf/tokens_per_s": batch * block / step_time}, step=step)
-                    progress.set_postfix(loss=f"{loss:.4f}")
-                    window_start, window_steps = time.perf_counter(), 0
-                progress.update(1)
-                if step % tc.eval_every == 0 or step == tc.steps:
-                    end_of_interval_eval(state, step)
-                    window_start, window_steps = time.perf_counter(), 0  # eval time is not step time
-                    if on_eval is not None and on_eval(step, history[-1]) and step < stop_at:
-                        print_fn(f"stopping at step {step}: requested after evaluation")
-                        break
-                if step % tc.checkpoint_every == 0 and step < stop_at:
-                    check_finite(metrics, step)  # never save a diverged state
-                    checkpointer.save(state)
-            if stop.requested:
-                check_finite(metrics, step)
-                saved = checkpointer.save(state)
-                progress.close()
-                print_fn(f"Interrupted: checkpoint saved at step {saved} in {checkpointer.directory}; "
-                         f"rerun the same command to resume.")
-                raise KeyboardInterrupt
-            if not history or history[-1]["step"] != step:
+        while step < stop_at and not stop.requested:
+            x, y = batch_at(step)
+            state, metrics = train_step(state, x, y)
+            step += 1
+            window_steps += 1
+            if step % tc.log_every == 0 or step == stop_at:
+                loss = check_finite(metrics, step)
+                step_time = (time.perf_counter() - window_start) / window_steps
+                step_times.append(step_time)
+                logger.log({"train/loss": loss, "train/bpc": loss / math.log(2),
+                            "train/grad_norm": float(metrics["grad_norm"]),
+                            "train/update_norm": float(metrics["update_norm"]),
+                            "train/lr": float(schedule(step - 1)),
+                            "perf/step_time_ms": 1000 * step_time,
+                            "perf/tokens_per_s": batch * block / step_time}, step=step)
+                progress.set_postfix(loss=f"{loss:.4f}")
+                window_start, window_steps = time.perf_counter(), 0
+            progress.update(1)
+            if step % tc.eval_every == 0 or step == tc.steps:
                 end_of_interval_eval(state, step)
-            elif not sample:  # a rerun of a finished run: its evals were recovered, draw the sample again
-                sample = sample_text(state, step)
-            checkpointer.save(state)
-    except KeyboardInterrupt:
+                window_start, window_steps = time.perf_counter(), 0  # eval time is not step time
+                if on_eval is not None and on_eval(step, history[-1]) and step < stop_at:
+                    print_fn(f"stopping at step {step}: requested after evaluation")
+                    break
+            if step % tc.checkpoint_every == 0 and step < stop_at:
+                check_finite(metrics, step)  # never save a diverged state
+                checkpointer.save(state)
+        if stop.requested:
+            if step > start_step:
+                check_finite(metrics, step)
+            saved = checkpointer.save(state)
+            progress.close()
+            print_fn(f"Interrupted: checkpoint saved at step {saved} in {checkpointer.directory}; "
+                     f"rerun the same command to resume.")
+            raise StopRequested(stop.signum)
+        if not history or history[-1]["step"] != step:
+            end_of_interval_eval(state, step)
+        elif not sample:  # a rerun of a finished run: its evals were recovered, draw the sample again
+            sample = sample_text(state, step)
+        checkpointer.save(state)
+    except KeyboardInterrupt as err:
         progress.close()
-        logger.finish(exit_code=130)
+        logger.finish(exit_code=getattr(err, "exit_code", 130))
         checkpointer.close()
         raise
-    except NonFiniteLossError:
+    except OSError as err:  # a full or read-only disk mid-run (metrics, images, W&B files)
+        progress.close()
+        with contextlib.suppress(Exception):
+            logger.finish(exit_code=1)
+            checkpointer.close()
+        raise WorkdirError(f"cannot write in {workdir} at step {step} ({describe_os_error(err)}); the run stopped, "
+                           f"{kept_message()}; free space and rerun to resume", exit_code=1) from None
+    except (NonFiniteLossError, WorkdirError):
         progress.close()
         logger.finish(exit_code=1)
         checkpointer.close()
@@ -353,7 +407,8 @@ def train(config, *, workdir: str | pathlib.Path, exp_name: str = "run", data_di
                         "perf/median_step_time_ms": result.step_time_ms, "perf/median_tokens_per_s": result.tokens_per_s,
                         "perf/wall_time_s": wall})
     logger.finish()
-    (workdir / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
+    if is_main:
+        (workdir / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
     print_fn(f"done: {step} steps in {wall:.1f}s | best val loss {best_val:.4f} ({best_val / math.log(2):.3f} bpc) "
              f"| {result.step_time_ms:.1f} ms/step, {result.tokens_per_s:,.0f} tok/s, compile {compile_time:.1f}s")
     print_fn("sample:\n" + sample)

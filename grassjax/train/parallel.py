@@ -7,10 +7,16 @@ inserts the gradient all-reduce because the inputs say how they are laid out.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import socket
+import sys
+import threading
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from grassjax.train.config import ConfigError
@@ -22,11 +28,93 @@ class ParallelConfigError(ConfigError):
     """Batch sizes that cannot be split over the devices; the message names the keys to change."""
 
 
-def initialize_distributed(coordinator_address: str | None, num_processes: int | None, process_id: int | None):
-    """jax.distributed.initialize for multi-host runs; a no-op when no coordinator is given."""
-    if coordinator_address:
-        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                                   process_id=process_id)
+@contextlib.contextmanager
+def _quiet_stdout():
+    """Send file descriptor 1 to /dev/null for a while (C++ code prints there, below Python's sys.stdout)."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(devnull)
+
+
+class DistributedError(ConfigError):
+    """Bad multi-process flags, or processes that did not all join; the message is one line.
+
+    stuck: jax.distributed is still blocked in C++; the process must end with os._exit.
+    """
+
+    def __init__(self, message: str, stuck: bool = False):
+        super().__init__(message)
+        self.stuck = stuck
+
+
+DISTRIBUTED_TIMEOUT_S = 60  # how long jax.distributed waits for every process to join
+
+
+def initialize_distributed(coordinator_address: str | None, num_processes: int | None, process_id: int | None,
+                           timeout_s: int = DISTRIBUTED_TIMEOUT_S):
+    """jax.distributed.initialize for multi-process runs; a no-op when no coordinator is given.
+
+    On CPU the cross-process collectives use gloo (TCP). A process that does not join within timeout_s
+    ends the wait with one line naming which processes were expected.
+    """
+    if not coordinator_address:
+        if num_processes not in (None, 1) or process_id not in (None, 0):
+            raise DistributedError("--num_processes/--process_id need --coordinator_address=HOST:PORT of process 0")
+        return
+    host, _, port = coordinator_address.rpartition(":")
+    if not host or not port.isdigit():
+        raise DistributedError(f"--coordinator_address={coordinator_address!r} must be HOST:PORT, e.g. 127.0.0.1:1234")
+    if num_processes is None or num_processes < 1:
+        raise DistributedError(f"--num_processes must be >= 1 with --coordinator_address, got {num_processes}")
+    if process_id is None or not 0 <= process_id < num_processes:
+        raise DistributedError(f"--process_id must be in [0, {num_processes - 1}] for --num_processes={num_processes}, "
+                               f"got {process_id}")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU: cross-process all-reduce over TCP
+    # jax's own timeout aborts the process from C++ with a stack trace; wait in a thread with ours instead,
+    # leaving jax's as a backstop well after it.
+    done, errors = threading.Event(), []
+
+    def connect():
+        try:
+            jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                       process_id=process_id, initialization_timeout=timeout_s + 60)
+        except Exception as err:  # noqa: BLE001 - XlaRuntimeError and friends
+            errors.append(err)
+        finally:
+            done.set()
+
+    threading.Thread(target=connect, daemon=True).start()
+    if not done.wait(timeout_s):
+        if process_id == 0:
+            missing = f"process(es) {list(range(1, num_processes))} (not all of them)"
+        elif _reachable(host, int(port)):
+            missing = "another process (process 0, the coordinator, is up)"
+        else:
+            missing = f"process 0 (nothing answers at {coordinator_address})"
+        raise DistributedError(
+            f"process {process_id}: waited {timeout_s}s for {missing} to join; start every process with the same "
+            f"--coordinator_address and --num_processes={num_processes}, or raise --distributed_timeout",
+            stuck=True)
+    if errors:
+        raise DistributedError(f"process {process_id}: jax.distributed could not start "
+                               f"({type(errors[0]).__name__}: {str(errors[0]).splitlines()[0][:200]})")
+    with _quiet_stdout():  # gloo prints "[Gloo] Rank i is connected..." from C++ on its first collective
+        multihost_utils.process_allgather(np.zeros((), np.int32))
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+        return True
+    except OSError:
+        return False
 
 
 def make_mesh(devices=None) -> Mesh:

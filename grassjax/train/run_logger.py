@@ -45,6 +45,7 @@ from urllib.parse import urlparse
 import numpy as np
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+WANDB_INIT_TIMEOUT_S = 20.0  # how long an online wandb.init may wait for the server before we go offline
 DEFAULT_SUMMARY_MIN = ("val/loss", "val/bpc", "val/ppl")
 _NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
 _ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline", "disabled": "disabled"}
@@ -227,12 +228,15 @@ class RunLogger:
         try:
             self.run = self._init_wandb(self.mode, **init)
         except Exception as e:  # noqa: BLE001
-            if mode not in (None, "auto") or self.mode != "online":
+            if self.mode != "online":
                 self._jsonl.close()
                 raise
-            # auto picked online but W&B failed to start the run: keep training, offline. wandb-core still
+            # Online (asked for, or picked by auto) but W&B could not start the run within
+            # WANDB_INIT_TIMEOUT_S (no network, server down): keep training, offline. wandb-core still
             # holds the failed run's id, so this offline run gets a fresh one (not saved in wandb_run_id).
-            self.mode, self.mode_reason = "offline", f"online init failed: {type(e).__name__}: {e}".split("\n")[0]
+            reason = f"{type(e).__name__}: {e}".split("\n")[0][:160]
+            self.mode = "offline"
+            self.mode_reason = f"online init failed within {WANDB_INIT_TIMEOUT_S:g}s: {reason}"
             self.run = self._init_wandb("offline", fresh_id=True, **init)
         if self.mode == "offline":
             print_fn(f"W&B offline ({self.mode_reason}): run saved in {self.run_dir}; "
@@ -254,7 +258,8 @@ class RunLogger:
             id_file.write_text(run_id + "\n")
         # Never a login prompt: offline/disabled skip login entirely, and online only gets here with
         # credentials (resolve_wandb_mode). silent: our one status line replaces wandb's banner.
-        settings = wandb.Settings(silent=True, console="off", x_disable_stats=True)
+        settings = wandb.Settings(silent=True, console="off", x_disable_stats=True,
+                                  init_timeout=WANDB_INIT_TIMEOUT_S)  # wandb's default waits 90 s
         run = wandb.init(project=project, name=name, group=group, tags=tags, config=config, job_type=job_type,
                          dir=str(self.workdir), mode=mode, id=run_id, resume="allow", reinit="create_new",
                          settings=settings)

@@ -1,0 +1,273 @@
+"""Use a trained run: load it, sample from it as it decodes, evaluate it over a whole split.
+
+    model, vocab, config = grassjax.load_run("runs/grassmann_shakespeare")
+    ids = grassjax.decoding.generate_streaming(model, jnp.asarray([vocab.encode("ROMEO:")]), jax.random.key(0),
+                                               max_new_tokens=40)
+    print(vocab.decode(ids[0]))
+
+`launch.py --mode=sample` and `--mode=evaluate` are thin wrappers around `stream_tokens` and `evaluate_split`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import pathlib
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from grassjax import decoding, sampling
+from grassjax.data import CharVocab, DataError
+from grassjax.nn.model import BigramLanguageModel, build_model
+from grassjax.train.workdir import CONFIG_NAME
+
+
+class RunError(DataError):
+    """A workdir that holds no usable trained run; the message is one line naming the fix."""
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    """A trained run: unpacks as `model, vocab, config`; `step` is the checkpoint's step."""
+
+    model: nnx.Module
+    vocab: Any  # CharVocab or grassjax.wikitext.WordPieceVocab
+    config: ml_collections.ConfigDict
+    step: int
+    workdir: pathlib.Path
+
+    def __iter__(self):
+        return iter((self.model, self.vocab, self.config))
+
+
+def _load_vocab(path: pathlib.Path):
+    data = json.loads(path.read_text())
+    if data.get("kind") == "wordpiece":
+        from grassjax.wikitext import WordPieceVocab
+
+        return WordPieceVocab.from_dict(data)
+    return CharVocab.from_dict(data)
+
+
+def load_run(workdir: str | pathlib.Path, print_fn: Callable[[str], None] = print) -> LoadedRun:
+    """The model (newest good checkpoint), vocabulary and resolved config of a training run's workdir."""
+    from grassjax.train.checkpoint import Checkpointer
+    from grassjax.train.loop import model_config_from
+    from grassjax.train.optim import make_optimizer
+    from grassjax.train.step import TrainState
+
+    workdir = pathlib.Path(workdir)
+    checkpoints = workdir / "checkpoints"
+    if not checkpoints.is_dir() or not any(p.name.isdigit() for p in checkpoints.iterdir()):
+        raise RunError(f"no checkpoint in {workdir}; train first (python launch.py --exp=NAME --workdir={workdir}) "
+                       f"or pass the --workdir of a trained run")
+    missing = [name for name in (CONFIG_NAME, "vocab.json") if not (workdir / name).exists()]
+    if missing:
+        raise RunError(f"{workdir} has checkpoints but no {' or '.join(missing)} (written by training since this "
+                       f"version); resume the run once to write them")
+    config = ml_collections.ConfigDict(json.loads((workdir / CONFIG_NAME).read_text()))
+    vocab = _load_vocab(workdir / "vocab.json")
+    model = build_model(model_config_from(config, vocab.size), seed=config.train.seed)
+    params = nnx.state(model, nnx.Param)
+    tx, _ = make_optimizer(config.train)
+    template = TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))  # the saved structure
+    checkpointer = Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
+    try:
+        state = checkpointer.restore_newest_good(template, print_fn)
+    finally:
+        checkpointer.close()
+    nnx.update(model, state.params)
+    return LoadedRun(model, vocab, config, int(state.step), workdir)
+
+
+def encode_prompt(vocab, prompt: str) -> np.ndarray:
+    """Token ids of `prompt`; characters outside a character vocabulary are named in one line."""
+    if isinstance(vocab, CharVocab):
+        unknown = sorted(set(prompt) - set(vocab.chars))
+        if unknown:
+            shown = ", ".join(repr(c) for c in unknown[:10])
+            raise RunError(f"--prompt has {len(unknown)} character(s) outside the run's {vocab.size}-character "
+                           f"vocabulary: {shown}; remove or replace them")
+    ids = vocab.encode(prompt)
+    if len(ids) == 0:
+        raise RunError("--prompt encodes to no tokens; pass at least one character of the vocabulary")
+    return np.asarray(ids, np.int32)
+
+
+# Module-level jits with the graph as a static argument: compiled once per model shape, not per call.
+@functools.partial(jax.jit, static_argnames=("temperature", "top_k"))
+def _draw(logits, key, *, temperature, top_k):
+    return sampling.sample_logits(logits, key, temperature=temperature, top_k=top_k)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_len"))
+def _prefill(graphdef, state, ids, *, max_len):
+    return decoding.prefill(nnx.merge(graphdef, state), ids, max_len)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _decode(graphdef, state, token, caches):
+    return decoding.decode_step(nnx.merge(graphdef, state), token, caches)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _bigram_logits(graphdef, state, ids):
+    return nnx.merge(graphdef, state)(ids)[:, -1]
+
+
+def stream_tokens(model, prompt_ids: np.ndarray, key: jax.Array, *, num_tokens: int, temperature: float = 1.0,
+                  top_k: int | None = None) -> Iterator[int]:
+    """Yield num_tokens sampled token ids one at a time, with the cached decoder of grassjax.decoding.
+
+    Attention layers keep a KV cache, Grassmann layers a window of max(offsets) reduced states. Learned
+    position embeddings end at block_size, so when the cache is full the last block_size // 2 tokens are
+    prefilled again (nanoGPT crops its context the same way, but recomputes every token).
+    """
+    graphdef, state = nnx.split(model)
+    block = model.cfg.block_size
+    bigram = isinstance(model, BigramLanguageModel)  # its next token depends on the last one only
+    draw = functools.partial(_draw, temperature=float(temperature), top_k=top_k)
+    context = list(int(t) for t in prompt_ids[-block:])
+    if not bigram:
+        logits, caches = _prefill(graphdef, state, jnp.asarray([context], jnp.int32), max_len=block)
+        pos = len(context)
+    for _ in range(num_tokens):
+        if bigram:
+            logits = _bigram_logits(graphdef, state, jnp.asarray([[context[-1]]], jnp.int32))
+        key, sub = jax.random.split(key)
+        token = int(draw(logits, sub)[0])
+        context.append(token)
+        yield token
+        if bigram:
+            continue
+        if pos == block:  # the position embeddings end here: start again from the recent half
+            context = context[-(block // 2):]
+            logits, caches = _prefill(graphdef, state, jnp.asarray([context], jnp.int32), max_len=block)
+            pos = len(context)
+        else:
+            logits, caches = _decode(graphdef, state, jnp.asarray([token], jnp.int32), caches)
+            pos += 1
+
+
+def eval_windows(num_tokens: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first scored target) of each window over a stream of num_tokens tokens.
+
+    Window [begin, end) is the model's input; it predicts tokens begin+1 .. end, of which only those from
+    `first` on are scored, so that every token after the first is scored exactly once (the sliding-window
+    method of Hugging Face's "Perplexity of fixed-length models"). stride = block_size gives
+    non-overlapping windows; a smaller stride gives each scored token more context, at more compute.
+    """
+    windows, scored_to = [], 0  # every target index <= scored_to is done
+    for begin in range(0, num_tokens - 1, stride):
+        end = min(begin + block_size, num_tokens - 1)
+        windows.append((begin, end, scored_to + 1))
+        scored_to = end
+        if end == num_tokens - 1:
+            break
+    return windows
+
+
+def evaluate_split(model, tokens: np.ndarray, *, stride: int | None = None, batch_size: int = 32) -> dict[str, Any]:
+    """Loss (nats/token), perplexity and bits per token of `model` over the whole token stream."""
+    block = model.cfg.block_size
+    stride = stride or block
+    if not 1 <= stride <= block:
+        raise RunError(f"--stride={stride} must be in [1, block_size={block}]")
+    tokens = np.asarray(tokens, np.int32)
+    windows = eval_windows(len(tokens), block, stride)
+    n = -(-len(windows) // batch_size) * batch_size  # whole batches: one compiled shape
+    x = np.zeros((n, block), np.int32)
+    y = np.zeros((n, block), np.int32)
+    mask = np.zeros((n, block), np.float32)
+    for i, (begin, end, first) in enumerate(windows):
+        length = end - begin
+        x[i, :length], y[i, :length] = tokens[begin:end], tokens[begin + 1:end + 1]
+        mask[i, first - begin - 1:length] = 1.0  # target j sits at column j - begin - 1
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def nll_sum(state, x, y, mask):
+        logits = nnx.merge(graphdef, state)(x)  # deterministic: no dropout
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        nll = -jnp.take_along_axis(logp, y[..., None], axis=-1)[..., 0]
+        return (nll * mask).sum()
+
+    total = 0.0
+    for i in range(0, n, batch_size):
+        total += float(nll_sum(state, x[i:i + batch_size], y[i:i + batch_size], mask[i:i + batch_size]))
+    count = int(mask.sum())
+    loss = total / count
+    return dict(loss=loss, ppl=math.exp(loss), bits_per_token=loss / math.log(2), tokens_scored=count,
+                windows=len(windows), block_size=block, stride=stride)
+
+
+def sample_run(workdir, *, prompt: str = "\n", num_tokens: int = 500, temperature: float = 0.8, top_k: int = 0,
+               num_samples: int = 1, seed: int = 0, write: Callable[[str], None] | None = None,
+               print_fn: Callable[[str], None] = print) -> list[str]:
+    """launch.py --mode=sample: print num_samples continuations of `prompt` as they decode; returns them."""
+    import sys
+    import time
+
+    if num_tokens < 1 or num_samples < 1 or temperature < 0 or top_k < 0:
+        raise RunError(f"--num_tokens ({num_tokens}) and --num_samples ({num_samples}) must be >= 1, "
+                       f"--temperature ({temperature}) and --top_k ({top_k}) >= 0")
+    write = write or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
+    run = load_run(workdir, print_fn)
+    prompt_ids = encode_prompt(run.vocab, prompt)
+    streams_chars = isinstance(run.vocab, CharVocab)  # WordPiece pieces are only readable decoded together
+    kind = "bigram table" if isinstance(run.model, BigramLanguageModel) else \
+        {"attention": "KV cache", "grassmann": "Grassmann window"}[run.model.cfg.mixer]
+    print_fn(f"{run.workdir} at step {run.step}: {num_samples} sample(s) of {num_tokens} tokens, "
+             f"temperature {temperature}, top_k {top_k or 'off'}, {kind} decoder")
+    texts, produced, elapsed = [], 0, 0.0
+    for i in range(num_samples):
+        print_fn(f"--- sample {i + 1} ---")
+        write(prompt)
+        start, ids = time.perf_counter(), []
+        for token in stream_tokens(run.model, prompt_ids, jax.random.fold_in(jax.random.key(seed), i),
+                                   num_tokens=num_tokens, temperature=temperature, top_k=top_k or None):
+            ids.append(token)
+            if streams_chars:
+                write(run.vocab.decode([token]))
+        elapsed += time.perf_counter() - start
+        produced += len(ids)
+        text = run.vocab.decode(np.asarray(ids))
+        if not streams_chars:
+            write(text)
+        write("\n")
+        texts.append(prompt + text)
+    print_fn(f"{produced} tokens in {elapsed:.2f}s: {produced / elapsed:,.0f} tokens/s (compilation included)")
+    return texts
+
+
+def evaluate_run(workdir, *, data_dir: str | None = None, split: str = "val", stride: int = 0,
+                 print_fn: Callable[[str], None] = print) -> dict[str, Any]:
+    """launch.py --mode=evaluate: loss, perplexity, bits/token over the whole split; writes eval-<split>.json."""
+    from grassjax.train.loop import load_dataset
+
+    run = load_run(workdir, print_fn)
+    dataset = load_dataset(run.config.data, data_dir)
+    splits = {name: getattr(dataset, name) for name in ("train", "val", "test") if hasattr(dataset, name)}
+    if split not in splits:
+        raise RunError(f"--split={split!r} is not a split of {run.config.data.dataset}; valid: {', '.join(splits)}")
+    result = evaluate_split(run.model, splits[split], stride=stride or None)
+    result = dict(split=split, step=run.step, dataset=run.config.data.dataset, **result)
+    unit = "char" if isinstance(run.vocab, CharVocab) else "token"
+    rows = [("split", split), ("checkpoint step", run.step), ("tokens scored", f"{result['tokens_scored']:,}"),
+            ("windows", f"{result['windows']:,} of {result['block_size']}, stride {result['stride']}"),
+            (f"loss (nats/{unit})", f"{result['loss']:.4f}"), ("perplexity", f"{result['ppl']:.3f}"),
+            (f"bits/{unit}", f"{result['bits_per_token']:.4f}")]
+    width = max(len(k) for k, _ in rows)
+    print_fn("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    if jax.process_index() == 0:  # only process 0 writes to the workdir
+        path = pathlib.Path(workdir) / f"eval-{split}.json"
+        path.write_text(json.dumps(result, indent=1) + "\n")
+        print_fn(f"written: {path}")
+    return result
