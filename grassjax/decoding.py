@@ -61,6 +61,27 @@ def decode_step(model: LanguageModel, token: jax.Array, caches: list[dict]) -> t
     return _logits(model, x), new_caches
 
 
+def teacher_forced_logits(model: LanguageModel, tokens: jax.Array, prompt_len: int) -> tuple[jax.Array, list[dict]]:
+    """Stream a known text through the cached decoder: prefill tokens[:, :prompt_len], then feed the rest.
+
+    Returns the next-token logits at positions prompt_len-1 .. T-1 (B, T - prompt_len + 1, V), which
+    must equal the full forward's model(tokens)[:, prompt_len-1:], and the final caches.
+    """
+
+    @jax.jit
+    def stream(tokens):
+        first, caches = prefill(model, tokens[:, :prompt_len], tokens.shape[1])
+
+        def step(caches, token):
+            logits, caches = decode_step(model, token, caches)
+            return caches, logits
+
+        caches, rest = jax.lax.scan(step, caches, tokens[:, prompt_len:].T)
+        return jnp.concatenate([first[:, None], jnp.swapaxes(rest, 0, 1)], axis=1), caches
+
+    return stream(tokens)
+
+
 def sample_tokens(model: LanguageModel, logits: jax.Array, caches: list[dict], key: jax.Array, *, num_tokens: int,
                   temperature: float = 1.0, top_k: int | None = None) -> tuple[jax.Array, list[dict]]:
     """Sample num_tokens >= 1 tokens starting from `logits` (B, V); returns (tokens (B, num_tokens), caches).

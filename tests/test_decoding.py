@@ -90,22 +90,10 @@ def test_teacher_forced_decode_logits_match_the_full_forward(name):
     model = _model(name)
     tokens = jax.random.randint(jax.random.key(3), (2, SMALL["block_size"]), 0, SMALL["vocab_size"], jnp.int32)
     P = 3  # shorter than the largest offset: early positions have missing partners
-
-    @jax.jit
-    def stream(tokens):
-        first, caches = decoding.prefill(model, tokens[:, :P], tokens.shape[1])
-
-        def step(caches, token):
-            logits, caches = decoding.decode_step(model, token, caches)
-            return caches, logits
-
-        caches, rest = jax.lax.scan(step, caches, tokens[:, P:-1].T)
-        return jnp.concatenate([first[:, None], jnp.swapaxes(rest, 0, 1)], axis=1), caches
-
-    logits, caches = stream(tokens)  # logits for positions P-1 .. T-2
+    logits, caches = decoding.teacher_forced_logits(model, tokens, P)  # logits for positions P-1 .. T-1
     full = jax.jit(lambda t: model(t))(tokens)  # jitted: an eager forward dispatches (and compiles) op by op
-    np.testing.assert_allclose(logits, full[:, P - 1 : -1], rtol=1e-4, atol=1e-5)
-    assert all(int(c["pos"]) == SMALL["block_size"] - 1 for c in caches)
+    np.testing.assert_allclose(logits, full[:, P - 1 :], rtol=1e-4, atol=1e-5)
+    assert all(int(c["pos"]) == SMALL["block_size"] for c in caches)
 
 
 GREEDY, SAMPLED, TOP_K = dict(temperature=0.0), dict(temperature=1.0), dict(temperature=0.7, top_k=5)

@@ -3,20 +3,18 @@ another config, two processes on one workdir, unwritable places, a full disk."""
 
 import errno
 import json
-import os
 import pathlib
 import signal
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
 from grassjax.train.run_logger import read_metrics_jsonl
 from grassjax.train.workdir import WorkdirError, WorkdirLock, prepare_workdir
-from tests.conftest import REPO, TINY_OVERRIDES
-from tests.test_train import cli, overrides_as_flags, train_losses
+from tests.conftest import TINY_OVERRIDES
+from tests.test_train import cli, overrides_as_flags, signal_after_first_loss, train_losses
 
 
 def latest(workdir):
@@ -44,16 +42,9 @@ def test_sigterm_saves_at_the_current_step_and_a_rerun_continues_bit_exactly(tmp
     long = {**FAST, "train.steps": "100000", "train.eval_every": "100000", "train.checkpoint_every": "100000"}
     flags = ["--exp=bigram_shakespeare", f"--workdir={workdir}", f"--data_dir={text_data_dir}",
              "--wandb_mode=disabled", *overrides_as_flags(long)]
-    proc = subprocess.Popen([sys.executable, str(REPO / "launch.py"), *flags], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=REPO, stdin=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    metrics = workdir / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and "train/loss" in metrics.read_text()):
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-2000:]
+    done = signal_after_first_loss(flags, workdir, signal.SIGTERM)
+    out, err, metrics = done.stdout, done.stderr, workdir / "metrics.jsonl"
+    assert done.returncode == 143, err[-2000:]
     assert "Traceback" not in err and "SIGTERM: stopping after this step" in out and "checkpoint saved at step" in out
     saved = latest(workdir)
     assert saved > 0 and saved >= max(r["step"] for r in read_metrics_jsonl(metrics))  # nothing logged is lost

@@ -236,18 +236,6 @@ def test_a_repeated_character_gives_finite_logits_equal_to_full_recompute(mixer)
     tokens = jnp.full((2, 64), 7, jnp.int32)
     full = jax.jit(lambda t: model(t))(tokens)
     P = 3
-
-    @jax.jit
-    def streamed(tokens):
-        first, caches = decoding.prefill(model, tokens[:, :P], tokens.shape[1])
-
-        def step(caches, token):
-            logits, caches = decoding.decode_step(model, token, caches)
-            return caches, logits
-
-        _, rest = jax.lax.scan(step, caches, tokens[:, P:].T)
-        return jnp.concatenate([first[:, None], jnp.swapaxes(rest, 0, 1)], axis=1)  # positions P-1 .. T-1
-
-    logits = streamed(tokens)
+    logits, _ = decoding.teacher_forced_logits(model, tokens, P)  # positions P-1 .. T-1
     assert bool(jnp.all(jnp.isfinite(full))) and bool(jnp.all(jnp.isfinite(logits)))
     np.testing.assert_allclose(logits, full[:, P - 1 :], rtol=1e-4, atol=1e-5)

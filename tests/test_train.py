@@ -98,20 +98,27 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, text_dat
     assert Checkpointer(workdir).latest_step() == 10
 
 
+def signal_after_first_loss(flags, workdir, sig) -> subprocess.CompletedProcess:
+    """Start launch.py with `flags`, send `sig` once a training loss reached metrics.jsonl, wait for the exit."""
+    proc = subprocess.Popen([sys.executable, str(REPO / "launch.py"), *flags], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=REPO, stdin=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and "train/loss" in metrics.read_text()):
+        time.sleep(0.1)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def test_ctrl_c_saves_a_checkpoint_and_a_rerun_resumes(tmp_path, text_data_dir):
     workdir = tmp_path / "run"
     flags = ["--exp=bigram_shakespeare", f"--workdir={workdir}", f"--data_dir={text_data_dir}", "--wandb_mode=disabled",
              *overrides_as_flags({**TINY_OVERRIDES, "train.steps": "1000000", "train.eval_every": "1000000"})]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, str(REPO / "launch.py"), *flags], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=REPO, stdin=subprocess.DEVNULL)
-    metrics = workdir / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and "train/loss" in metrics.read_text()):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err[-2000:]
+    done = signal_after_first_loss(flags, workdir, signal.SIGINT)
+    out, err = done.stdout, done.stderr
+    assert done.returncode == 130, err[-2000:]
     assert "checkpoint saved at step" in out and "Traceback" not in err
     from grassjax.train.checkpoint import Checkpointer
 
