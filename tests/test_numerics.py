@@ -142,7 +142,6 @@ def test_every_path_agrees_with_the_float64_oracle(name):
         out, inter = fn(h32, offsets=offsets, return_intermediates=True, **w)
         err = np.abs(np.asarray(inter["g"], np.float64) - g64)
         assert np.all(err <= bound), f"{path}: g off by {err.max():.3g}, bound {bound.min():.3g}"
-        print(f"{name} {path}: max |g32 - g64| / bound = {(err / bound).max():.3g}")
         np.testing.assert_allclose(out, out64, atol=float(bound.max()) + 4 * EPS32 * scale, rtol=0,
                                    err_msg=path)
         # The plucker_norm intermediate is ‖z_t ∧ z_{t-δ}‖, accurate relative to ‖z_t‖ ‖z_{t-δ}‖.

@@ -59,6 +59,8 @@ def test_load_params_refuses_a_model_of_another_shape():
     params = nnx.state(build_model(ModelConfig(**SMALL, mixer="grassmann"), seed=0), nnx.Param)
     with pytest.raises(ValueError, match="shape"):
         torch_port.load_params(torch_port.LanguageModel(ModelConfig(**{**SMALL, "rank": 4})), params)
+    with pytest.raises(ValueError, match="covers model.mixer"):
+        torch_port.LanguageModel(ModelConfig(**SMALL, grassmann_partner_mix="per_offset"))
     with pytest.raises(KeyError, match="no JAX parameter"):
         torch_port.load_params(torch_port.LanguageModel(ModelConfig(**SMALL, mixer="attention")), params)
 

@@ -143,6 +143,9 @@ class LanguageModel(nn.Module):
         super().__init__()
         if cfg.kind != "lm" or not cfg.tie_embeddings or cfg.dropout > 0:
             raise ValueError("the PyTorch port covers the tied-head LM without dropout")
+        if cfg.mixer not in ("attention", "grassmann") or cfg.grassmann_partner_mix != "none":
+            raise ValueError(f"the PyTorch port covers model.mixer=attention|grassmann with the paper's offset mean, "
+                             f"not mixer={cfg.mixer!r}, grassmann_partner_mix={cfg.grassmann_partner_mix!r}")
         self.cfg = cfg
         self.tok_embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.block_size, cfg.d_model)
