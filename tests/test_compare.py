@@ -85,3 +85,21 @@ def test_disabled_statistics_are_never_built(tmp_path, text_data_dir, monkeypatc
         train__eval_every=2)
     text = (tmp_path / "run" / "metrics.jsonl").read_text()
     assert "grassmann/" not in text and "val/loss" in text
+
+
+def test_arm_config_applies_model_and_train_changes_and_rejects_unknown_keys():
+    import pytest
+    from experiments.shakespeare import ablate_shakespeare
+    from grassjax.train.compare import arm_config
+
+    config = ablate_shakespeare()
+    config.arms.transformer.train = {"learning_rate": 2.5e-3}
+    cfg = arm_config(config, "transformer", seed=7, group="g")
+    assert (cfg.model.mixer, cfg.train.learning_rate, cfg.train.seed) == ("attention", 2.5e-3, 7)
+    assert arm_config(config, "grassmann", seed=7, group="g").train.learning_rate == config.train.learning_rate
+    config.arms.transformer.train = {"lr": 2.5e-3}
+    with pytest.raises(ValueError, match="arms.transformer.train.lr: not a train setting"):
+        arm_config(config, "transformer", seed=0, group="g")
+    config.arms.transformer = {"mixr": "attention"}
+    with pytest.raises(ValueError, match="arms.transformer.mixr: not a model setting"):
+        arm_config(config, "transformer", seed=0, group="g")

@@ -50,3 +50,13 @@ def test_study_prunes_resumes_interrupted_trials_and_continues(tmp_path, text_da
     saved = json.loads((workdir / "tune.json").read_text())
     assert saved["best"]["value"] == min(r["best_val_loss"] for r in again["rows"] if r["state"] == "COMPLETE")
     assert "| trial | state | learning rate |" in (workdir / "tune.md").read_text()
+
+
+def test_first_lrs_are_tried_first_in_order(tmp_path, text_data_dir):
+    pytest.importorskip("optuna")
+    tiny = dict(tune__startup_trials=1, tune__prune=False, train__steps=2, train__eval_every=2,
+                stats__enabled=False, train__sample_tokens=4)
+    result = run("tune_shakespeare", tmp_path / "tune", text_data_dir, tune__n_trials=3,
+                 tune__first_lrs=(3e-3, 1e-3), **tiny)
+    lrs = [r["learning_rate"] for r in sorted(result["rows"], key=lambda r: r["number"])]
+    assert lrs[:2] == [3e-3, 1e-3] and len(lrs) == 3

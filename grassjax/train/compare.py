@@ -27,7 +27,16 @@ def arm_config(config, arm: str, seed: int, group: str) -> ml_collections.Config
     """The single-run config of one arm and seed."""
     cfg = ml_collections.ConfigDict(config.to_dict())
     for key, value in config.arms[arm].items():
-        cfg.model[key] = value
+        if key == "train":  # per-arm training settings, e.g. a tuned learning rate
+            for train_key, train_value in value.items():
+                if train_key not in cfg.train:
+                    raise ValueError(f"arms.{arm}.train.{train_key}: not a train setting; "
+                                     f"valid: {sorted(cfg.train.keys())}")
+                cfg.train[train_key] = train_value
+        elif key not in cfg.model:
+            raise ValueError(f"arms.{arm}.{key}: not a model setting (or 'train'); valid: {sorted(cfg.model.keys())}")
+        else:
+            cfg.model[key] = value
     del cfg.arms, cfg.compare
     cfg.train.seed = seed
     cfg.wandb.group = group
@@ -73,8 +82,11 @@ def add_gaps(rows: list[dict], baseline: str) -> list[dict]:
 
 
 def describe_change(changes: dict) -> str:
-    """An arm's model changes as one short string: "offsets=(1, 2); offsets_per_layer=True"."""
-    return "; ".join(f"{k}={tuple(v) if isinstance(v, list) else v}" for k, v in changes.items()) or "(none)"
+    """An arm's changes as one short string: "offsets=(1, 2); offsets_per_layer=True; train.learning_rate=0.002"."""
+    flat = {}
+    for k, v in changes.items():
+        flat.update({f"train.{tk}": tv for tk, tv in v.items()} if k == "train" else {k: v})
+    return "; ".join(f"{k}={tuple(v) if isinstance(v, list) else v}" for k, v in flat.items()) or "(none)"
 
 
 def waterfall(rows: list[dict], *, reference: str, baseline: str, changes: dict[str, dict] | None = None) -> list[dict]:

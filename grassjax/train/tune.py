@@ -72,6 +72,9 @@ def run_tuning(config, *, workdir, exp_name: str, data_dir: str | None = None, w
               if tc.prune else optuna.pruners.NopPruner())
     study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True, direction="minimize",
                                 sampler=sampler, pruner=pruner)
+    if not existing:  # known-good points first (e.g. the recipe's rate and a few multiples), then the sampler
+        for lr in tc.get("first_lrs", ()):
+            study.enqueue_trial({"learning_rate": float(lr)})
     for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):  # left by an interrupted run
         study.tell(stale.number, state=TrialState.FAIL)
         study.enqueue_trial(stale.params, user_attrs={"resume_dir": stale.user_attrs.get("workdir", "")})
