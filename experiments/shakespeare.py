@@ -139,7 +139,7 @@ def tune_shakespeare():
     cfg.tune = ml_collections.ConfigDict(dict(
         n_trials=20,  # trials to finish (complete or pruned), counted over every invocation of the study
         lr_min=1e-4, lr_max=3e-2,  # log-uniform search range for train.learning_rate
-        first_lrs=(),  # learning rates tried first, in order, when the study is new (e.g. 1e-3,2e-3,4e-3)
+        first_lrs=(),  # learning rates tried first, in order, each once per study (e.g. 1e-3,2e-3,4e-3)
         min_lr_ratio=0.1,  # train.min_lr = learning_rate x this (the default recipe's 1e-3 -> 1e-4)
         prune=True,  # median pruning after each evaluation
         startup_trials=4,  # random trials before TPE takes over, and before pruning starts

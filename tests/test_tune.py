@@ -60,3 +60,7 @@ def test_first_lrs_are_tried_first_in_order(tmp_path, text_data_dir):
                  tune__first_lrs=(3e-3, 1e-3), **tiny)
     lrs = [r["learning_rate"] for r in sorted(result["rows"], key=lambda r: r["number"])]
     assert lrs[:2] == [3e-3, 1e-3] and len(lrs) == 3
+    # Rerun with one more point and one more trial: only the new point is trained.
+    again = run("tune_shakespeare", tmp_path / "tune", text_data_dir, tune__n_trials=4,
+                tune__first_lrs=(3e-3, 1e-3, 5e-3), **tiny)
+    assert [r["learning_rate"] for r in sorted(again["rows"], key=lambda r: r["number"])] == lrs + [5e-3]

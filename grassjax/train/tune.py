@@ -72,8 +72,11 @@ def run_tuning(config, *, workdir, exp_name: str, data_dir: str | None = None, w
               if tc.prune else optuna.pruners.NopPruner())
     study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True, direction="minimize",
                                 sampler=sampler, pruner=pruner)
-    if not existing:  # known-good points first (e.g. the recipe's rate and a few multiples), then the sampler
-        for lr in tc.get("first_lrs", ()):
+    # Chosen points first (e.g. a grid around the recipe's rate), each once per study, then the sampler;
+    # rerunning with one more entry (and one more trial) extends the grid.
+    tried = {t.params.get("learning_rate") for t in study.get_trials(deepcopy=False)}
+    for lr in tc.get("first_lrs", ()):
+        if float(lr) not in tried:
             study.enqueue_trial({"learning_rate": float(lr)})
     for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):  # left by an interrupted run
         study.tell(stale.number, state=TrialState.FAIL)
