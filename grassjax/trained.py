@@ -50,7 +50,7 @@ class LoadedRun:
 def _load_vocab(path: pathlib.Path):
     data = json.loads(path.read_text())
     if data.get("kind") == "wordpiece":
-        from grassjax.wikitext import WordPieceVocab
+        from grassjax.data.wikitext import WordPieceVocab
 
         return WordPieceVocab.from_dict(data)
     return CharVocab.from_dict(data)
@@ -250,7 +250,7 @@ def sample_run(workdir, *, prompt: str = "\n", num_tokens: int = 500, temperatur
 def evaluate_run(workdir, *, data_dir: str | None = None, split: str = "val", stride: int = 0,
                  print_fn: Callable[[str], None] = print) -> dict[str, Any]:
     """launch.py --mode=evaluate: loss, perplexity, bits/token over the whole split; writes eval-<split>.json."""
-    from grassjax.train.loop import load_dataset
+    from grassjax.data import load_dataset
 
     run = load_run(workdir, print_fn)
     dataset = load_dataset(run.config.data, data_dir)

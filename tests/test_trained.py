@@ -64,7 +64,7 @@ def test_evaluate_covers_the_whole_split_exactly(trained_workdirs):
     """Bigram: the loss over the whole split is a plain mean over consecutive pairs, whatever the stride."""
     runs, data_dir = trained_workdirs
     result = trained.evaluate_run(runs["bigram_shakespeare"], data_dir=str(data_dir), split="val")
-    from grassjax.train.loop import load_dataset
+    from grassjax.data import load_dataset
 
     model, _, config = grassjax.load_run(runs["bigram_shakespeare"])
     val = load_dataset(config.data, str(data_dir)).val

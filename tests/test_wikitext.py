@@ -10,9 +10,10 @@ import types
 import numpy as np
 import pytest
 
-from grassjax import data, wikitext
+from grassjax import data
+from grassjax.data import wikitext
 from grassjax.data import DataError
-from grassjax.wikitext import WIKITEXT_DIR, WIKITEXT_FILES, TokenDataset, WordPieceVocab, load_wikitext2
+from grassjax.data.wikitext import WIKITEXT_DIR, WIKITEXT_FILES, TokenDataset, WordPieceVocab, load_wikitext2
 
 WORDS = ["the", "river", "valley", "king", "battle", "army", "city", "north", "south", "was", "in", "of", "and",
          "a", "game", "series", "released", "album", "song", "first", "season", "team", "played", "church",
@@ -365,7 +366,7 @@ def test_epochs_set_the_number_of_steps(tmp_path):
                  "train.eval_every": "1000", "train.eval_batches": "1", "stats.enabled": "False"}
     result = launch.run_experiment("paper_wikitext2_transformer_6l", overrides, workdir=str(tmp_path / "run"),
                                    data_dir=str(tmp_path / "data"), wandb_mode="disabled")
-    from grassjax.wikitext import load_wikitext2
+    from grassjax.data.wikitext import load_wikitext2
 
     tokens = len(load_wikitext2(tmp_path / "data", vocab_size=300).train)
     assert result.final_step == -(-tokens // (2 * 8 * 32))  # ceil(0.5 * tokens / (batch * block))

@@ -95,16 +95,6 @@ class TrainResult:
     history: list[dict[str, float]]  # one dict per eval
 
 
-def load_dataset(data_cfg, data_dir: str | None):
-    """The token streams (train, val) and vocabulary named by config.data.dataset."""
-    if data_cfg.dataset == "wikitext2":
-        from grassjax import wikitext
-
-        return wikitext.load_wikitext2(data_dir, vocab_size=data_cfg.vocab_size, vocab_file=data_cfg.vocab_file or None)
-    return data_lib.load_char_dataset(data_dir, name=data_cfg.dataset, val_fraction=data_cfg.val_fraction,
-                                      allow_custom_text=data_cfg.allow_custom_text)
-
-
 def rewind_metrics(path: pathlib.Path, step: int) -> list[dict]:
     """Drop records logged after `step` from metrics.jsonl (a resumed run re-logs them); return the rest.
 
@@ -202,7 +192,7 @@ def _train(config, *, workdir: pathlib.Path, exp_name: str, data_dir: str | None
     mesh = make_mesh()
     layout = batch_layout(tc)  # fails early, naming the keys, if the batch does not split over the devices
     is_main = jax.process_index() == 0
-    dataset = load_dataset(config.data, data_dir)
+    dataset = data_lib.load_dataset(config.data, data_dir)
     if tc.epochs > 0:  # the paper's budgets are in epochs: turn them into optimizer steps
         config = ml_collections.ConfigDict(config.to_dict())
         config.train.steps = math.ceil(tc.epochs * len(dataset.train) / (layout.global_batch * config.data.block_size))
