@@ -30,6 +30,8 @@ val/loss, val/bpc and val/ppl get summary "min,last" (best and final value).
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 import math
 import netrc
@@ -396,8 +398,14 @@ class RunLogger:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        code = 0 if exc_type is None else (130 if issubclass(exc_type, KeyboardInterrupt) else 1)
-        self.finish(exit_code=code)
+        """Finish with exit code 0; for a KeyboardInterrupt its exit_code (a stop on request: 128 + signal) or
+        130; for any other exception 1. After an exception, a failure to finish (a full disk) is not raised."""
+        if exc_type is None:
+            self.finish()
+            return False
+        code = getattr(exc, "exit_code", 130) if issubclass(exc_type, KeyboardInterrupt) else 1
+        with contextlib.suppress(Exception):
+            self.finish(exit_code=code)
         return False
 
 
@@ -421,3 +429,26 @@ def read_metrics_jsonl(path) -> list[dict]:
             continue
         records.append({k: _NON_FINITE.get(v, v) if isinstance(v, str) else v for k, v in record.items()})
     return records
+
+
+def rewind_metrics(path: pathlib.Path, step: int) -> list[dict]:
+    """Drop records logged after `step` from metrics.jsonl (a resumed run re-logs them); return the rest.
+
+    Records of one step are merged, so an eval's loss and statistics come back as one dict.
+    """
+    if not path.exists():
+        return []
+    def before(line):
+        try:
+            return json.loads(line)["step"] <= step
+        except json.JSONDecodeError:  # a line half-written by a killed run
+            return False
+
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if before(line)]
+    if len(kept) != len(lines):
+        path.write_text("".join(line + "\n" for line in kept))
+    merged: dict[int, dict] = {}
+    for record in read_metrics_jsonl(path):
+        merged.setdefault(record["step"], {}).update(record)
+    return [merged[s] for s in sorted(merged)]
