@@ -1,26 +1,14 @@
 """Run a named experiment: python launch.py --exp=grassmann_shakespeare [--config.train.steps=500 ...]
 
-Use a trained run (its workdir):
-  python launch.py --exp=grassmann_shakespeare --mode=sample --prompt="ROMEO:" --num_tokens=500 --top_k=40
-  python launch.py --exp=grassmann_shakespeare --mode=evaluate --split=val
-
-Flags:
-  --mode=train|sample|evaluate  train (default), sample from the newest checkpoint, or evaluate a whole split
-  --exp=NAME                 which experiment (--list shows them all)
-  --config.<section>.<key>=V override any config field, type-checked (sections: model, data, train, stats, wandb)
-  --workdir=DIR              checkpoints, metrics.jsonl, W&B files (default runs/<exp>); reruns resume here
-  --data_dir=DIR             folder holding tinyshakespeare/input.txt (else $GRASSJAX_DATA_DIR, else a user cache)
-  --wandb_mode=MODE          auto | online | offline | disabled (auto: online only with credentials)
-  --restart                  move an existing --workdir aside (to <workdir>.previous-<time>) and start over
-  --print_config             print the resolved config and exit
-  --coordinator_address, --num_processes, --process_id   multi-host data parallelism (jax.distributed)
-  --distributed_timeout=S    multi-host: seconds to wait for every process to join (default 60)
+--list names the experiments. --config.<section>.<key>=V overrides any field of the experiment's config,
+type-checked (sections: model, data, train, stats, wandb; comparisons add arms and compare, benchmarks bench,
+the learning-rate search tune); --print_config shows the resolved config. --mode=sample and --mode=evaluate
+use a trained run's workdir (README, "Using a trained run").
 """
 
 from __future__ import annotations
 
 import os
-import pathlib
 import sys
 
 from absl import app, flags, logging
@@ -51,10 +39,6 @@ flags.DEFINE_integer("num_processes", None, "Multi-host: total number of process
 flags.DEFINE_integer("process_id", None, "Multi-host: index of this process (0 logs and writes checkpoints).")
 flags.DEFINE_integer("distributed_timeout", 60, "Multi-host: seconds to wait for every process to join.")
 
-CONFIG_PREFIX = "--config."
-_overrides: dict[str, str] = {}
-
-
 def fail(message: str, code: int = 2):
     """One line on stderr, no traceback."""
     print(f"launch.py: error: {message}", file=sys.stderr)
@@ -62,53 +46,18 @@ def fail(message: str, code: int = 2):
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl parses the ordinary flags; --config.* overrides are collected here and type-checked later."""
-    rest = argv[:1]
-    for arg in argv[1:]:
-        if arg.startswith(CONFIG_PREFIX):
-            key, sep, value = arg[len(CONFIG_PREFIX):].partition("=")
-            if not sep or not key:
-                fail(f"{arg!r} needs a value: write {CONFIG_PREFIX}<section>.<key>=VALUE")
-            _overrides[key] = value
-        else:
-            rest.append(arg)
+    """absl parses the ordinary flags; main takes the --config.* overrides (split_overrides) once the
+    experiment, and so the config they are checked against, is known."""
+    from grassjax.train.config import ConfigError, split_overrides
+
     try:
-        return FLAGS(rest)
+        rest, _ = split_overrides(argv[1:])
+    except ConfigError as err:
+        fail(str(err))
+    try:
+        return FLAGS(argv[:1] + rest)
     except flags.Error as err:
         fail(f"{err}. Run python launch.py --help for the flags.")
-
-
-def resolve_config(name: str, overrides: dict[str, str]):
-    from grassjax.train.config import apply_overrides, validate
-
-    experiment = experiments.get_experiment(name)
-    config = apply_overrides(experiment.get_config(), overrides)
-    validate(config)
-    return experiment, config
-
-
-def run_experiment(name: str, overrides: dict[str, str], *, workdir: str | None, data_dir: str | None,
-                   wandb_mode: str | None, restart: bool = False):
-    """Resolve and run one experiment; returns whatever its runner returns."""
-    from grassjax.baselines.runner import run_ngram_baselines
-    from grassjax.bench.generation import run_generation_benchmark
-    from grassjax.bench.scaling import run_scaling_benchmark
-    from grassjax.bench.vs_pytorch import run_vs_pytorch_benchmark
-    from grassjax.train.compare import run_comparison
-    from grassjax.train.loop import train
-    from grassjax.train.tune import run_tuning
-
-    experiment, config = resolve_config(name, overrides)
-    workdir = workdir or os.path.join("runs", name)
-    if restart:
-        from grassjax.train.workdir import move_aside
-
-        move_aside(pathlib.Path(workdir))
-    runners = {"train": train, "compare": run_comparison, "benchmark_scaling": run_scaling_benchmark,
-               "benchmark_generation": run_generation_benchmark, "benchmark_vs_pytorch": run_vs_pytorch_benchmark,
-               "ngram": run_ngram_baselines, "tune": run_tuning}
-    return runners[experiment.runner](config, workdir=workdir, exp_name=name, data_dir=data_dir,
-                                      wandb_mode=wandb_mode)
 
 
 def use_trained_run(mode: str, workdir: str):
@@ -135,7 +84,7 @@ def main(argv):
         fail(f"pass --exp=NAME; valid: {', '.join(sorted(experiments.EXPERIMENTS))}")
 
     from grassjax.data import DataError
-    from grassjax.train.config import ConfigError
+    from grassjax.train.config import ConfigError, split_overrides
     from grassjax.train.loop import NonFiniteLossError
     from grassjax.train.run_logger import WandbCredentialsError
     from grassjax.train.tune import MissingExtraError
@@ -151,15 +100,16 @@ def main(argv):
             print(f"launch.py: error: {err}", file=sys.stderr, flush=True)
             os._exit(2)
         fail(str(err))
+    _, overrides = split_overrides(sys.argv[1:])  # parse_flags has checked them
     try:
         if FLAGS.print_config:
-            print(resolve_config(FLAGS.exp, _overrides)[1])
+            print(experiments.resolve_config(FLAGS.exp, overrides)[1])
             return
         if FLAGS.mode != "train":
             use_trained_run(FLAGS.mode, FLAGS.workdir or os.path.join("runs", FLAGS.exp))
             return
-        run_experiment(FLAGS.exp, _overrides, workdir=FLAGS.workdir, data_dir=FLAGS.data_dir,
-                       wandb_mode=FLAGS.wandb_mode, restart=FLAGS.restart)
+        experiments.run(FLAGS.exp, overrides, workdir=FLAGS.workdir, data_dir=FLAGS.data_dir,
+                        wandb_mode=FLAGS.wandb_mode, restart=FLAGS.restart)
     except (experiments.UnknownExperimentError, ConfigError, DataError, WandbCredentialsError,
             MissingExtraError) as err:
         fail(str(err))

@@ -1,4 +1,4 @@
-"""The registry of named experiments that `launch.py --exp=NAME` runs.
+"""The registry of named experiments that `launch.py --exp=NAME` runs, and `run`, which runs one.
 
 Each experiment is a config (an ml_collections ConfigDict built by a plain
 function) plus the name of the runner that consumes it.
@@ -7,6 +7,8 @@ function) plus the name of the runner that consumes it.
 from __future__ import annotations
 
 import dataclasses
+import os
+import pathlib
 from typing import Callable
 
 import ml_collections
@@ -19,7 +21,7 @@ class Experiment:
     name: str
     description: str
     get_config: Callable[[], ml_collections.ConfigDict]
-    runner: str = "train"  # which runner in launch.py consumes the config
+    runner: str = "train"  # which runner (see `run`) consumes the config
 
 
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
@@ -75,3 +77,41 @@ def get_experiment(name: str) -> Experiment:
         raise UnknownExperimentError(f"unknown experiment {name!r}; valid: {', '.join(sorted(EXPERIMENTS))} "
                                      f"(python launch.py --list describes them)")
     return EXPERIMENTS[name]
+
+
+def resolve_config(name: str, overrides: dict[str, str]) -> tuple[Experiment, ml_collections.ConfigDict]:
+    """The experiment and its config with the --config.* overrides applied, type-checked and validated."""
+    from grassjax.train.config import apply_overrides, validate
+
+    experiment = get_experiment(name)
+    config = apply_overrides(experiment.get_config(), overrides)
+    validate(config)
+    return experiment, config
+
+
+def run(name: str, overrides: dict[str, str] | None = None, *, workdir: str | None = None, data_dir: str | None = None,
+        wandb_mode: str | None = None, restart: bool = False):
+    """Resolve and run one experiment in `workdir` (default runs/<name>); returns whatever its runner returns.
+
+    restart moves an existing workdir aside first instead of resuming it.
+    """
+    # Imported here: `launch.py --list` and config errors stay fast, and optional extras load only when used.
+    from grassjax.baselines.runner import run_ngram_baselines
+    from grassjax.bench.generation import run_generation_benchmark
+    from grassjax.bench.scaling import run_scaling_benchmark
+    from grassjax.bench.vs_pytorch import run_vs_pytorch_benchmark
+    from grassjax.train.compare import run_comparison
+    from grassjax.train.loop import train
+    from grassjax.train.tune import run_tuning
+
+    experiment, config = resolve_config(name, overrides or {})
+    workdir = workdir or os.path.join("runs", name)
+    if restart:
+        from grassjax.train.workdir import move_aside
+
+        move_aside(pathlib.Path(workdir))
+    runners = {"train": train, "compare": run_comparison, "benchmark_scaling": run_scaling_benchmark,
+               "benchmark_generation": run_generation_benchmark, "benchmark_vs_pytorch": run_vs_pytorch_benchmark,
+               "ngram": run_ngram_baselines, "tune": run_tuning}
+    return runners[experiment.runner](config, workdir=workdir, exp_name=name, data_dir=data_dir,
+                                      wandb_mode=wandb_mode)

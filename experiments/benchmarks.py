@@ -43,7 +43,7 @@ def _bench(**changes) -> ml_collections.ConfigDict:
         lm_tokens_per_step=768,  # batch 12 x block 64, as the CPU Shakespeare runs
         vocab_size=65,  # tiny Shakespeare's characters
         # --- nnx split/merge in jax.jit vs nnx.jit + cached_partial, on the LM step ---
-        compare_nnx_jit=True,
+        compare_nnx_jit=False,  # opt-in one-off study: --config.bench.compare_nnx_jit=True
         nnx_jit_T=64,
         nnx_jit_reps=20,
         # --- where the ratios are read ---

@@ -1,4 +1,4 @@
-"""WikiText-2 (raw) experiments at the paper's settings (arXiv 2512.19428, section 3 of SPEC.md).
+"""WikiText-2 (raw) experiments at the paper's settings (arXiv 2512.19428, section 3).
 
 Paper: BERT-style WordPiece (30,522), d=256, d_ff=1024, 4 heads, r=32,
 6 layers at block 128 / batch 32, or 12 layers at block 256 / batch 16,

@@ -1,10 +1,7 @@
 """grassjax: the Causal Grassmann LM and a causal Transformer, side by side, in JAX.
 
-Layers of the package, each depending only on the ones above it:
-  grassjax.functional  pure JAX functions (attention, Grassmann mixing, statistics)
-  grassjax.nn          Flax NNX modules wrapping them, and the language models
-  grassjax.data        character-level data (NumPy only)
-  grassjax.train       optimizer, jitted steps, the one training loop, logging
+The layers of the package and what each may import are drawn in the README's "Layout" section:
+functional -> nn -> (data, generation) -> train, bench, baselines -> experiments -> launch.py.
 """
 
 __version__ = "0.1.0"

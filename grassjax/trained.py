@@ -1,7 +1,7 @@
 """Use a trained run: load it, sample from it as it decodes, evaluate it over a whole split.
 
     model, vocab, config = grassjax.load_run("runs/grassmann_shakespeare")
-    ids = grassjax.decoding.generate_streaming(model, jnp.asarray([vocab.encode("ROMEO:")]), jax.random.key(0),
+    ids = grassjax.generation.generate_streaming(model, jnp.asarray([vocab.encode("ROMEO:")]), jax.random.key(0),
                                                max_new_tokens=40)
     print(vocab.decode(ids[0]))
 
@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from grassjax import decoding, sampling
+from grassjax import generation
 from grassjax.data import CharVocab, DataError
 from grassjax.nn.model import BigramLanguageModel, build_model
 from grassjax.train.workdir import CONFIG_NAME
@@ -50,7 +50,7 @@ class LoadedRun:
 def _load_vocab(path: pathlib.Path):
     data = json.loads(path.read_text())
     if data.get("kind") == "wordpiece":
-        from grassjax.wikitext import WordPieceVocab
+        from grassjax.data.wikitext import WordPieceVocab
 
         return WordPieceVocab.from_dict(data)
     return CharVocab.from_dict(data)
@@ -104,17 +104,17 @@ def encode_prompt(vocab, prompt: str) -> np.ndarray:
 # Module-level jits with the graph as a static argument: compiled once per model shape, not per call.
 @functools.partial(jax.jit, static_argnames=("temperature", "top_k"))
 def _draw(logits, key, *, temperature, top_k):
-    return sampling.sample_logits(logits, key, temperature=temperature, top_k=top_k)
+    return generation.sample_logits(logits, key, temperature=temperature, top_k=top_k)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_len"))
 def _prefill(graphdef, state, ids, *, max_len):
-    return decoding.prefill(nnx.merge(graphdef, state), ids, max_len)
+    return generation.prefill(nnx.merge(graphdef, state), ids, max_len)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _decode(graphdef, state, token, caches):
-    return decoding.decode_step(nnx.merge(graphdef, state), token, caches)
+    return generation.decode_step(nnx.merge(graphdef, state), token, caches)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -124,7 +124,7 @@ def _bigram_logits(graphdef, state, ids):
 
 def stream_tokens(model, prompt_ids: np.ndarray, key: jax.Array, *, num_tokens: int, temperature: float = 1.0,
                   top_k: int | None = None) -> Iterator[int]:
-    """Yield num_tokens sampled token ids one at a time, with the cached decoder of grassjax.decoding.
+    """Yield num_tokens sampled token ids one at a time, with the cached decoder of grassjax.generation.
 
     Attention layers keep a KV cache, Grassmann layers a window of max(offsets) reduced states. Learned
     position embeddings end at block_size, so when the cache is full the last block_size // 2 tokens are
@@ -250,7 +250,7 @@ def sample_run(workdir, *, prompt: str = "\n", num_tokens: int = 500, temperatur
 def evaluate_run(workdir, *, data_dir: str | None = None, split: str = "val", stride: int = 0,
                  print_fn: Callable[[str], None] = print) -> dict[str, Any]:
     """launch.py --mode=evaluate: loss, perplexity, bits/token over the whole split; writes eval-<split>.json."""
-    from grassjax.train.loop import load_dataset
+    from grassjax.data import load_dataset
 
     run = load_run(workdir, print_fn)
     dataset = load_dataset(run.config.data, data_dir)

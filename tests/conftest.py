@@ -62,7 +62,7 @@ def isolated_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-default"))
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
-    from grassjax import wikitext
+    from grassjax.data import wikitext
 
     # Missing WikiText files would start a download: tests never reach the network (port 9 refuses).
     monkeypatch.setattr(wikitext, "WIKITEXT_URLS", ("http://127.0.0.1:9/wikitext-2-raw-v1.zip",))

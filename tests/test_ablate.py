@@ -9,7 +9,7 @@ import experiments
 from grassjax.nn import ModelConfig
 from grassjax.train import compare
 from grassjax.train.config import apply_overrides, validate
-from tests.test_ngram import _fake_evals, _fake_result
+from tests.test_ngram import fake_evals, fake_result
 from tests.test_train import run
 
 
@@ -33,9 +33,9 @@ def test_ablation_config_has_every_arm_and_each_is_a_valid_model():
 
 def test_waterfall_and_gap_columns_from_known_losses():
     # Whole-split val losses: reference 2.3 (two seeds), half-way arm 2.1, baseline 1.9.
-    results = {"grassmann": [_fake_result(2.2), _fake_result(2.2)], "better": [_fake_result(2.0)],
-               "transformer": [_fake_result(1.8)]}
-    rows = compare.summarise(results, _fake_evals({"grassmann": [2.25, 2.35], "better": [2.1], "transformer": [1.9]}))
+    results = {"grassmann": [fake_result(2.2), fake_result(2.2)], "better": [fake_result(2.0)],
+               "transformer": [fake_result(1.8)]}
+    rows = compare.summarise(results, fake_evals({"grassmann": [2.25, 2.35], "better": [2.1], "transformer": [1.9]}))
     steps = compare.waterfall(rows, reference="grassmann", baseline="transformer",
                               changes={"better": {"offsets": [1, 2]}})
     by_arm = {s["arm"]: s for s in steps}

@@ -75,12 +75,12 @@ def test_train_step_contains_none_of_the_statistics_work():
 
 
 def test_disabled_statistics_are_never_built(tmp_path, text_data_dir, monkeypatch):
-    import grassjax.train.loop as loop
+    import grassjax.train.evaluate as evaluate
 
     def forbidden(*args, **kwargs):
         raise AssertionError("the statistics probe was built although stats.enabled=False")
 
-    monkeypatch.setattr(loop, "make_probe", forbidden)
+    monkeypatch.setattr(evaluate, "make_probe", forbidden)
     run("grassmann_shakespeare", tmp_path / "run", text_data_dir, stats__enabled=False, train__steps=4,
         train__eval_every=2)
     text = (tmp_path / "run" / "metrics.jsonl").read_text()

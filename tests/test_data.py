@@ -311,6 +311,6 @@ def test_real_tiny_shakespeare(tmp_path):
     assert ds.vocab.size == 65 and ds.text_sha256 == data.SHAKESPEARE_SHA256
     assert (len(ds.train), len(ds.val)) == (1_003_854, 111_540)
     assert ds.vocab.decode(np.concatenate([ds.train, ds.val])) == text
-    if not data._is_writable_dir(REAL_TEXT.parent):  # read-only shared data: cached per user, folder untouched
+    if not data.files.is_writable_dir(REAL_TEXT.parent):  # read-only shared data: cached per user, folder untouched
         assert sorted(os.listdir(REAL_TEXT.parent)) == before
         assert (user_cache(tmp_path) / "tinyshakespeare" / f"tokens-{data.SHAKESPEARE_SHA256[:12]}.npz").is_file()

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grassjax import decoding, sampling
+from grassjax import generation
 from grassjax import functional as F
 from grassjax.nn import ModelConfig, build_model
 
@@ -90,7 +90,7 @@ def test_teacher_forced_decode_logits_match_the_full_forward(name):
     model = _model(name)
     tokens = jax.random.randint(jax.random.key(3), (2, SMALL["block_size"]), 0, SMALL["vocab_size"], jnp.int32)
     P = 3  # shorter than the largest offset: early positions have missing partners
-    logits, caches = decoding.teacher_forced_logits(model, tokens, P)  # logits for positions P-1 .. T-1
+    logits, caches = generation.teacher_forced_logits(model, tokens, P)  # logits for positions P-1 .. T-1
     full = jax.jit(lambda t: model(t))(tokens)  # jitted: an eager forward dispatches (and compiles) op by op
     np.testing.assert_allclose(logits, full[:, P - 1 :], rtol=1e-4, atol=1e-5)
     assert all(int(c["pos"]) == SMALL["block_size"] for c in caches)
@@ -112,8 +112,8 @@ def test_streaming_generation_gives_exactly_the_tokens_of_full_recomputation(nam
     new = SMALL["block_size"] - P  # fill the whole block: the exact comparison needs no sliding window
     for seed in (0, 1, 2):  # seeds are arguments: no recompilation
         key = jax.random.key(seed)
-        expected = sampling.generate(model, prompt, key, max_new_tokens=new, **setting)
-        got = decoding.generate_streaming(model, prompt, key, max_new_tokens=new, **setting)
+        expected = generation.generate(model, prompt, key, max_new_tokens=new, **setting)
+        got = generation.generate_streaming(model, prompt, key, max_new_tokens=new, **setting)
         assert got.shape == (3, SMALL["block_size"]) and got.dtype == prompt.dtype
         np.testing.assert_array_equal(got, expected, err_msg=f"{name} {setting} seed {seed}")
         assert len(set(np.asarray(got[:, P:]).ravel().tolist())) > 2  # a real test, not a constant run
@@ -123,23 +123,23 @@ def test_a_single_new_token_comes_from_the_prefill():
     model = _model("attention-pre")
     prompt = jnp.array([[5, 1, 7], [2, 2, 3]], jnp.int32)
     key = jax.random.key(4)
-    np.testing.assert_array_equal(decoding.generate_streaming(model, prompt, key, max_new_tokens=1),
-                                  sampling.generate(model, prompt, key, max_new_tokens=1))
+    np.testing.assert_array_equal(generation.generate_streaming(model, prompt, key, max_new_tokens=1),
+                                  generation.generate(model, prompt, key, max_new_tokens=1))
 
 
 def test_grassmann_state_size_is_independent_of_context_and_kv_cache_grows():
     grass, attn = _model("grassmann-pre"), _model("attention-pre")
     L, B, C = SMALL["num_layers"], 2, SMALL["d_model"]
     M, r = max(SMALL["offsets"]), SMALL["rank"]
-    sizes = {n: decoding.cache_bytes(grass, B, n) for n in (1, 16, 8192)}
+    sizes = {n: generation.cache_bytes(grass, B, n) for n in (1, 16, 8192)}
     assert len(set(sizes.values())) == 1
     assert sizes[1] == L * (B * M * r * 4 + 4)  # z window + position counter, per layer
-    assert decoding.cache_bytes(attn, B, 8192) == L * (2 * B * 8192 * C * 4 + 4)
+    assert generation.cache_bytes(attn, B, 8192) == L * (2 * B * 8192 * C * 4 + 4)
 
     # The caches a real prefill returns: same shapes for a 2- and a 20-token prompt (shapes only, no compute).
     def state_shapes(model, P, max_len):
         prompt = jax.ShapeDtypeStruct((B, P), jnp.int32)
-        _, caches = jax.eval_shape(lambda p: decoding.prefill(model, p, max_len), prompt)
+        _, caches = jax.eval_shape(lambda p: generation.prefill(model, p, max_len), prompt)
         return [(leaf.shape, leaf.dtype) for leaf in jax.tree_util.tree_leaves(caches)]
 
     assert state_shapes(grass, 2, 4) == state_shapes(grass, 20, 24)
@@ -149,16 +149,16 @@ def test_grassmann_state_size_is_independent_of_context_and_kv_cache_grows():
 def test_generate_streaming_refuses_to_run_past_the_position_table():
     model = _model("grassmann-pre")
     with pytest.raises(ValueError, match="block_size"):
-        decoding.generate_streaming(model, jnp.zeros((1, 20), jnp.int32), jax.random.key(0), max_new_tokens=5)
+        generation.generate_streaming(model, jnp.zeros((1, 20), jnp.int32), jax.random.key(0), max_new_tokens=5)
 
 
 def test_bigram_delegates_to_sampling():
     model = build_model(ModelConfig(**SMALL, kind="bigram"), seed=0)
     prompt = jnp.zeros((2, 3), jnp.int32)
     key = jax.random.key(0)
-    np.testing.assert_array_equal(decoding.generate_streaming(model, prompt, key, max_new_tokens=5),
-                                  sampling.generate(model, prompt, key, max_new_tokens=5))
-    assert decoding.cache_bytes(model, 2, 100) == 0
+    np.testing.assert_array_equal(generation.generate_streaming(model, prompt, key, max_new_tokens=5),
+                                  generation.generate(model, prompt, key, max_new_tokens=5))
+    assert generation.cache_bytes(model, 2, 100) == 0
 
 
 def test_generation_benchmark_tiny_run_writes_results_and_plot(tmp_path):
@@ -182,7 +182,7 @@ def test_generation_benchmark_tiny_run_writes_results_and_plot(tmp_path):
 
 @pytest.mark.parametrize("name", ["sliding-window-pre", "conv-post-per-layer"])
 def test_control_mixer_state_size_is_independent_of_context(name):
-    sizes = {n: decoding.cache_bytes(_model(name), 2, n) for n in (1, 16, 8192)}
+    sizes = {n: generation.cache_bytes(_model(name), 2, n) for n in (1, 16, 8192)}
     assert len(set(sizes.values())) == 1
     if name == "sliding-window-pre":  # K and V for window + 1 = 5 positions, plus the position counter
         assert sizes[1] == 2 * 2 * 5 * SMALL["d_model"] * 4 + 4

@@ -9,7 +9,8 @@ import zipfile
 
 import pytest
 
-from grassjax import data, wikitext
+from grassjax import data
+from grassjax.data import wikitext
 from grassjax.data import DataError
 from tests.conftest import generated_text
 

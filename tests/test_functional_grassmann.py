@@ -56,7 +56,7 @@ def random_weights(key, d, r, dtype=jnp.float32, scale=1.0):
                 w_gate=n(ks[4], (2 * d, d)) / np.sqrt(d), b_gate=n(ks[5], (d,)))
 
 
-def _relative_error(a, b):
+def relative_error(a, b):
     return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
@@ -74,8 +74,8 @@ def test_fast_equals_reference_random_shapes(case):
     fast, fast_i = F.grassmann_mix(h, offsets=offsets, return_intermediates=True, **weights)
     ref, ref_i = F.grassmann_mix_reference(h, offsets=offsets, return_intermediates=True, **weights)
     assert fast.shape == h.shape
-    assert _relative_error(fast, ref) < 1e-5, (r, d, T, offsets, lead)
-    assert _relative_error(fast_i["g"], ref_i["g"]) < 1e-5 or float(jnp.abs(ref_i["g"]).max()) == 0.0
+    assert relative_error(fast, ref) < 1e-5, (r, d, T, offsets, lead)
+    assert relative_error(fast_i["g"], ref_i["g"]) < 1e-5 or float(jnp.abs(ref_i["g"]).max()) == 0.0
     np.testing.assert_allclose(fast_i["plucker_norm"], ref_i["plucker_norm"], rtol=1e-3, atol=1e-4)
 
 
@@ -141,7 +141,7 @@ def test_grassmann_jit_vmap_and_bfloat16():
     w16 = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), w)
     out16 = F.grassmann_mix(h.astype(jnp.bfloat16), offsets=(1, 2, 4), **w16)
     assert out16.dtype == jnp.bfloat16
-    assert _relative_error(out16.astype(jnp.float32), f(h)) < 5e-2
+    assert relative_error(out16.astype(jnp.float32), f(h)) < 5e-2
     g = jax.grad(lambda h: F.grassmann_mix(h, offsets=(1, 2, 4), **w).sum())(h)
     assert bool(jnp.all(jnp.isfinite(g)))
 

@@ -12,10 +12,10 @@ import pytest
 from flax import nnx
 from jax.test_util import check_grads
 
-from grassjax import decoding, sampling
+from grassjax import generation
 from grassjax import functional as F
 from grassjax.nn import ModelConfig, analytic_param_count, build_model, param_counts
-from tests.test_functional_grassmann import _relative_error, random_weights
+from tests.test_functional_grassmann import relative_error, random_weights
 
 
 def _mix(key, m, r, scale=0.5):
@@ -32,8 +32,8 @@ M = _mix(jax.random.key(2), len(OFFSETS), R)
 def test_fast_equals_literal_reference():
     fast, fi = F.grassmann_mix(H, offsets=OFFSETS, partner_mix=M, return_intermediates=True, **W)
     ref, ri = F.grassmann_mix_reference(H, offsets=OFFSETS, partner_mix=M, return_intermediates=True, **W)
-    assert _relative_error(fast, ref) < 1e-5
-    assert _relative_error(fi["g"], ri["g"]) < 1e-5
+    assert relative_error(fast, ref) < 1e-5
+    assert relative_error(fi["g"], ri["g"]) < 1e-5
 
 
 def test_identity_mixing_is_the_papers_layer():
@@ -121,7 +121,7 @@ def test_model_option_param_count_causality_and_streaming():
     with pytest.raises(ValueError, match="grassmann_partner_mix"):
         ModelConfig(grassmann_partner_mix="full")
     # A = 0 at init: every M_δ is I, the paper's layer (whose equality with the plain layer is tested above).
-    np.testing.assert_array_equal(model.blocks[0].mixer._partner_mix(), jnp.broadcast_to(jnp.eye(4), (3, 4, 4)))
+    np.testing.assert_array_equal(model.blocks[0].mixer.partner_mix_matrices(), jnp.broadcast_to(jnp.eye(4), (3, 4, 4)))
 
     forward = jax.jit(lambda m, t: m(t))  # one compilation for both parameter values below
     tokens = jax.random.randint(jax.random.key(1), (2, 20), 0, 11)
@@ -135,8 +135,8 @@ def test_model_option_param_count_causality_and_streaming():
     np.testing.assert_array_equal(logits[:, :9], forward(model, changed)[:, :9])
 
     prompt, key = tokens[:, :2], jax.random.key(3)
-    expected = sampling.generate(model, prompt, key, max_new_tokens=18, temperature=1.0)
-    got = decoding.generate_streaming(model, prompt, key, max_new_tokens=18, temperature=1.0)
+    expected = generation.generate(model, prompt, key, max_new_tokens=18, temperature=1.0)
+    got = generation.generate_streaming(model, prompt, key, max_new_tokens=18, temperature=1.0)
     np.testing.assert_array_equal(got, expected)
     assert len(set(np.asarray(got[:, 2:]).ravel().tolist())) > 2
 
@@ -148,4 +148,4 @@ def test_scalar_control_is_a_weighted_mean_of_partners():
         analytic_param_count(cfg.replace(grassmann_partner_mix="none")) + 2 * 3
     mixer = build_model(cfg, seed=0).blocks[0].mixer
     mixer.partner_mix[...] = jnp.array([0.5, -0.25, 2.0])
-    np.testing.assert_allclose(mixer._partner_mix(), jnp.array([1.5, 0.75, 3.0])[:, None, None] * jnp.eye(4))
+    np.testing.assert_allclose(mixer.partner_mix_matrices(), jnp.array([1.5, 0.75, 3.0])[:, None, None] * jnp.eye(4))

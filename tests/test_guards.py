@@ -28,10 +28,10 @@ FAST = {**TINY_OVERRIDES, "stats.enabled": "False", "train.sample_tokens": "4"}
 
 
 def fast_run(exp, workdir, data_dir, restart=False, **extra):
-    import launch
+    import experiments
 
     overrides = {**FAST, **{k.replace("__", "."): str(v) for k, v in extra.items()}}
-    return launch.run_experiment(exp, overrides, workdir=str(workdir), data_dir=str(data_dir),
+    return experiments.run(exp, overrides, workdir=str(workdir), data_dir=str(data_dir),
                                  wandb_mode="disabled", restart=restart)
 
 

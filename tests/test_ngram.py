@@ -106,7 +106,7 @@ def test_ngram_experiment_writes_table_and_json(tmp_path, text_data_dir):
     assert fixed["rows"][0]["val_loss"] != result["rows"][1]["val_loss"]  # the discount option is used
 
 
-def _fake_result(loss, steps=(5, 10)):
+def fake_result(loss, steps=(5, 10)):
     from grassjax.train.loop import TrainResult
 
     history = [{"step": s, "val/loss": loss + 1.0 / s} for s in steps]
@@ -116,7 +116,7 @@ def _fake_result(loss, steps=(5, 10)):
                        sample="x", history=history)
 
 
-def _fake_evals(losses):
+def fake_evals(losses):
     """What grassjax.trained.evaluate_run returns, per arm and seed: the whole-split val loss."""
     return {arm: [{"loss": x, "tokens_scored": 1000} for x in values] for arm, values in losses.items()}
 
@@ -126,8 +126,8 @@ def test_comparison_report_has_ngram_rows_and_plot_lines(tmp_path, monkeypatch):
 
     from grassjax.train import compare
 
-    results = {"grassmann": [_fake_result(2.2)], "transformer": [_fake_result(1.9)]}
-    rows = compare.summarise(results, _fake_evals({"grassmann": [2.3], "transformer": [2.0]}))
+    results = {"grassmann": [fake_result(2.2)], "transformer": [fake_result(1.9)]}
+    rows = compare.summarise(results, fake_evals({"grassmann": [2.3], "transformer": [2.0]}))
     ngram_rows = [dict(name="KN 6-gram (5 tokens of context)", context=5, order=6, val_loss=1.5, val_ppl=math.exp(1.5),
                        val_bpc=1.5 / math.log(2), fit_s=0.1, score_s=0.2)]
     text = compare.report_markdown(rows, {}, exp_name="x", steps=10, baseline="transformer", ngram_rows=ngram_rows)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from grassjax import decoding
+from grassjax import generation
 from grassjax import functional as F
 from grassjax.nn import ModelConfig, build_model
 
@@ -235,6 +235,6 @@ def test_a_repeated_character_gives_finite_logits_equal_to_full_recompute(mixer)
     tokens = jnp.full((2, 64), 7, jnp.int32)
     full = jax.jit(lambda t: model(t))(tokens)
     P = 3
-    logits, _ = decoding.teacher_forced_logits(model, tokens, P)  # positions P-1 .. T-1
+    logits, _ = generation.teacher_forced_logits(model, tokens, P)  # positions P-1 .. T-1
     assert bool(jnp.all(jnp.isfinite(full))) and bool(jnp.all(jnp.isfinite(logits)))
     np.testing.assert_allclose(logits, full[:, P - 1 :], rtol=1e-4, atol=1e-5)

@@ -9,11 +9,9 @@ import time
 
 import pytest
 
+import experiments
 from grassjax.train.run_logger import read_metrics_jsonl
 from tests.conftest import REPO, SHARED_DATA, TINY_OVERRIDES
-
-sys.path.insert(0, str(REPO))
-import launch  # noqa: E402  (launch.py lives at the repository root)
 
 
 def cli(*args, timeout=300, **kwargs):
@@ -28,7 +26,7 @@ def overrides_as_flags(overrides):
 
 def run(exp, workdir, data_dir, wandb_mode="disabled", **extra):
     overrides = {**TINY_OVERRIDES, **{k.replace("__", "."): str(v) for k, v in extra.items()}}
-    return launch.run_experiment(exp, overrides, workdir=str(workdir), data_dir=str(data_dir), wandb_mode=wandb_mode)
+    return experiments.run(exp, overrides, workdir=str(workdir), data_dir=str(data_dir), wandb_mode=wandb_mode)
 
 
 def train_losses(workdir):
@@ -168,14 +166,14 @@ def test_list_prints_one_line_per_experiment():
 
 @pytest.mark.skipif(not (SHARED_DATA / "tinyshakespeare" / "input.txt").exists(), reason="no ../shared/data here")
 def test_bigram_on_real_tiny_shakespeare_reaches_val_loss_below_2_6(tmp_path):
-    result = launch.run_experiment("bigram_shakespeare", {"train.steps": "300", "train.eval_every": "300",
+    result = experiments.run("bigram_shakespeare", {"train.steps": "300", "train.eval_every": "300",
                                                           "train.eval_batches": "10"},
                                    workdir=str(tmp_path / "run"), data_dir=str(SHARED_DATA), wandb_mode="disabled")
     assert result.best_val_loss < 2.6
 
 
 def test_rewind_metrics_drops_records_past_the_checkpoint(tmp_path):
-    from grassjax.train.loop import rewind_metrics
+    from grassjax.train.run_logger import rewind_metrics
 
     path = tmp_path / "metrics.jsonl"
     records = [{"step": 2, "train/loss": 3.0}, {"step": 4, "val/loss": 2.5}, {"step": 4, "attn/entropy/L0": 0.7},

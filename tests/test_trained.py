@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import grassjax
-from grassjax import decoding, trained
+from grassjax import generation, trained
 from tests.test_guards import fast_run
 from tests.test_train import cli
 
@@ -33,7 +33,7 @@ def test_load_run_gives_model_vocab_config_in_one_line(trained_workdirs):
     runs, _ = trained_workdirs
     model, vocab, config = grassjax.load_run(runs["grassmann_shakespeare"])
     assert config.model.mixer == "grassmann" and model.cfg.d_model == 32 and vocab.size == model.cfg.vocab_size
-    ids = decoding.generate_streaming(model, jnp.asarray([vocab.encode("The ")]), jax.random.key(0),
+    ids = generation.generate_streaming(model, jnp.asarray([vocab.encode("The ")]), jax.random.key(0),
                                       max_new_tokens=8)
     assert vocab.decode(np.asarray(ids[0])).startswith("The ") and ids.shape == (1, 12)
     assert trained.load_run(runs["grassmann_shakespeare"]).step == 10
@@ -45,7 +45,7 @@ def test_stream_tokens_matches_the_cached_decoder_and_runs_past_the_block(traine
     prompt = trained.encode_prompt(vocab, "The king")
     key = jax.random.key(3)
     streamed = list(trained.stream_tokens(model, prompt, key, num_tokens=20, temperature=0.8))
-    reference = decoding.generate_streaming(model, jnp.asarray([prompt]), key, max_new_tokens=20, temperature=0.8)
+    reference = generation.generate_streaming(model, jnp.asarray([prompt]), key, max_new_tokens=20, temperature=0.8)
     assert streamed == np.asarray(reference[0, len(prompt):]).tolist()
     long = list(trained.stream_tokens(model, prompt, key, num_tokens=3 * model.cfg.block_size, temperature=0.8))
     assert len(long) == 3 * model.cfg.block_size and long[:20] == streamed
@@ -64,7 +64,7 @@ def test_evaluate_covers_the_whole_split_exactly(trained_workdirs):
     """Bigram: the loss over the whole split is a plain mean over consecutive pairs, whatever the stride."""
     runs, data_dir = trained_workdirs
     result = trained.evaluate_run(runs["bigram_shakespeare"], data_dir=str(data_dir), split="val")
-    from grassjax.train.loop import load_dataset
+    from grassjax.data import load_dataset
 
     model, _, config = grassjax.load_run(runs["bigram_shakespeare"])
     val = load_dataset(config.data, str(data_dir)).val

@@ -10,9 +10,10 @@ import types
 import numpy as np
 import pytest
 
-from grassjax import data, wikitext
+from grassjax import data
+from grassjax.data import wikitext
 from grassjax.data import DataError
-from grassjax.wikitext import WIKITEXT_DIR, WIKITEXT_FILES, TokenDataset, WordPieceVocab, load_wikitext2
+from grassjax.data.wikitext import WIKITEXT_DIR, WIKITEXT_FILES, TokenDataset, WordPieceVocab, load_wikitext2
 
 WORDS = ["the", "river", "valley", "king", "battle", "army", "city", "north", "south", "was", "in", "of", "and",
          "a", "game", "series", "released", "album", "song", "first", "season", "team", "played", "church",
@@ -340,7 +341,7 @@ def test_hugging_face_failure_falls_back_to_the_missing_files_error(tmp_path, mo
 
 def test_paper_experiment_trains_end_to_end_on_the_generated_corpus(tmp_path):
     """`launch.py --exp=paper_wikitext2_grassmann_6l --data_dir=<corpus>` at a tiny size."""
-    import launch
+    import experiments
     from grassjax.train.run_logger import read_metrics_jsonl
 
     write_corpus(tmp_path / "data")
@@ -348,7 +349,7 @@ def test_paper_experiment_trains_end_to_end_on_the_generated_corpus(tmp_path):
                  "model.rank": "4", "data.block_size": "32", "train.batch_size": "8", "train.epochs": "0.0",
                  "train.steps": "12", "train.warmup_steps": "2", "train.learning_rate": "3e-3",
                  "train.eval_every": "6", "train.eval_batches": "2", "stats.images": "False"}
-    result = launch.run_experiment("paper_wikitext2_grassmann_6l", overrides, workdir=str(tmp_path / "run"),
+    result = experiments.run("paper_wikitext2_grassmann_6l", overrides, workdir=str(tmp_path / "run"),
                                    data_dir=str(tmp_path / "data"), wandb_mode="disabled")
     records = read_metrics_jsonl(tmp_path / "run" / "metrics.jsonl")
     val = [r["val/loss"] for r in records if "val/loss" in r]
@@ -357,15 +358,15 @@ def test_paper_experiment_trains_end_to_end_on_the_generated_corpus(tmp_path):
 
 
 def test_epochs_set_the_number_of_steps(tmp_path):
-    import launch
+    import experiments
 
     write_corpus(tmp_path / "data")
     overrides = {"data.vocab_size": "300", "model.num_layers": "1", "model.d_model": "32", "model.d_ff": "64",
                  "model.rank": "4", "data.block_size": "32", "train.batch_size": "8", "train.epochs": "0.5",
                  "train.eval_every": "1000", "train.eval_batches": "1", "stats.enabled": "False"}
-    result = launch.run_experiment("paper_wikitext2_transformer_6l", overrides, workdir=str(tmp_path / "run"),
+    result = experiments.run("paper_wikitext2_transformer_6l", overrides, workdir=str(tmp_path / "run"),
                                    data_dir=str(tmp_path / "data"), wandb_mode="disabled")
-    from grassjax.wikitext import load_wikitext2
+    from grassjax.data.wikitext import load_wikitext2
 
     tokens = len(load_wikitext2(tmp_path / "data", vocab_size=300).train)
     assert result.final_step == -(-tokens // (2 * 8 * 32))  # ceil(0.5 * tokens / (batch * block))

@@ -1,7 +1,7 @@
 """The n-gram baselines as an experiment, and as reference lines for the comparison reports.
 
 Both fit on the training split and score the validation split of the very dataset the LMs train on
-(`grassjax.train.loop.load_dataset`, the same `data.val_fraction`), so the numbers sit on one scale.
+(`grassjax.data.load_dataset`, the same `data.val_fraction`), so the numbers sit on one scale.
 The LMs' val loss is a mean over random `block_size` windows (early positions see short contexts);
 the n-gram's is over every validation token with up to `context` tokens before it -- a model that
 never looks further back than 5 characters is not hurt by that difference.
@@ -21,7 +21,7 @@ def fit_ngram_lines(config, *, contexts, data_dir: str | None = None, discount: 
     """n-gram rows (see `ngram_reference_rows`) for config.data's train/val split; [] when contexts is empty."""
     if not contexts:
         return []
-    from grassjax.train.loop import load_dataset
+    from grassjax.data import load_dataset
 
     dataset = load_dataset(config.data, data_dir)
     return ngram_reference_rows(dataset.train, dataset.val, vocab_size=dataset.vocab.size, contexts=tuple(contexts),

@@ -1,17 +1,7 @@
 """Benchmark: streaming decode speed and cache memory vs context length, attention vs Grassmann.
 
-For each context length n and each mixer: prefill a random prompt of n tokens
-(one forward pass that also fills the caches), then time a jitted `lax.scan`
-decoding `new_tokens` tokens one at a time. Attention reads a key/value cache
-of n + i entries at step i, so its cost per token grows with n; Grassmann
-reads a fixed window of max(offsets) reduced states, so its cost stays flat.
-
-Models are random-init: decode cost depends on shapes, not on weights. Each
-is built with block_size = max(contexts) + new_tokens so the learned position
-table covers the longest context.
-
-Outputs in workdir: results.json, generation.png (log-log tokens/s and cache
-memory vs context), metrics.jsonl, and a W&B run (job_type "benchmark").
+Per context n and mixer: prefill n random tokens, then time a jitted scan decoding `new_tokens` tokens
+(random-init models: decode cost depends on shapes, not weights). README, "Speed".
 """
 
 from __future__ import annotations
@@ -27,7 +17,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from grassjax import decoding
+from grassjax import generation
 from grassjax.bench import timing
 from grassjax.nn import ModelConfig, build_model, param_counts
 from grassjax.train.run_logger import RunLogger
@@ -47,12 +37,12 @@ def measure(model, context: int, *, new_tokens: int, reps: int, batch: int, temp
 
     @jax.jit
     def prefill(state, prompt):
-        return decoding.prefill(nnx.merge(graphdef, state), prompt, max_len)
+        return generation.prefill(nnx.merge(graphdef, state), prompt, max_len)
 
     @jax.jit
     def decode(state, logits, caches, key):
         # num_tokens = new_tokens + 1 draws run exactly new_tokens decode steps (the first draw uses the prefill).
-        tokens, _ = decoding.sample_tokens(nnx.merge(graphdef, state), logits, caches, key,
+        tokens, _ = generation.sample_tokens(nnx.merge(graphdef, state), logits, caches, key,
                                            num_tokens=new_tokens + 1, temperature=temperature)
         return tokens
 
@@ -72,8 +62,8 @@ def measure(model, context: int, *, new_tokens: int, reps: int, batch: int, temp
         "ms_per_token": 1e3 * t.median_s / new_tokens,
         "ms_per_token_p25": 1e3 * t.p25_s / new_tokens,
         "ms_per_token_p75": 1e3 * t.p75_s / new_tokens,
-        "cache_bytes": decoding.cache_bytes(model, batch, context),  # state holding `context` tokens
-        "cache_bytes_allocated": decoding.cache_bytes(model, batch, max_len),  # room for the decoded tokens too
+        "cache_bytes": generation.cache_bytes(model, batch, context),  # state holding `context` tokens
+        "cache_bytes_allocated": generation.cache_bytes(model, batch, max_len),  # room for the decoded tokens too
         "decode_peak_bytes": peak_bytes,  # the decode call's buffers (params, caches, temporaries)
         "prefill_s": prefill_s,
         "prefill_tokens_per_s": batch * context / prefill_s,

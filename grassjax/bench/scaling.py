@@ -1,34 +1,8 @@
 """Benchmark: how step time scales with sequence length T, attention vs Grassmann mixing.
 
-Two series, both at a constant number of tokens per step (batch = tokens / T):
-
-* **mixer alone** -- forward + backward (gradients for the parameters *and*
-  the input, as inside a network) of one mixing layer of width d:
-    attention           x @ W_qkv, `scaled_dot_product_attention` (the library path the LM runs:
-                        jax.nn.dot_product_attention, except plain causal attention on CPU, which
-                        runs the same maths heads-first), @ W_out
-    attention_jax_nn    the same with `jax.nn.dot_product_attention(..., is_causal=True)` called directly
-    attention_explicit  the same with the explicit-softmax path (return_weights=True)
-    grassmann_reference `grassmann_mix_reference` (one projection per offset)
-    grassmann           `grassmann_mix` (wedge collapse: one projection)
-  At d=256, r=32 the attention layer (4 d^2 weights) and the Grassmann layer
-  (d r + r(r-1)/2 d + 2 d^2) have almost the same number of parameters.
-* **whole LM train step** -- the real `make_train_step` (AdamW, clipping,
-  donated state) on the experiment's LM (by default the CPU-budget Shakespeare
-  config), attention LM vs Grassmann LM, with model.block_size raised to T.
-  Where tokens_per_step / T < 1 the batch stays 1 and tokens per step grow;
-  the table says so.
-
-Per point: compile time (lower and compile separately), median step time with
-IQR and min/max over `reps` timed calls after warm-up, tokens/s, XLA's FLOP
-count (`compiled.cost_analysis()['flops']`), peak memory (device allocator
-statistics where the backend has them, else `compiled.memory_analysis()`:
-argument + output + temp - aliased bytes), and an MFU-style ratio: achieved
-FLOP/s over the peak of a large matmul timed in the same run on the same device.
-
-Outputs in workdir: results.json, scaling.png (log-log step time vs T, one
-line per mixer, one panel per series), metrics.jsonl/tables.jsonl and a W&B
-run (job_type "benchmark").
+Two series at constant tokens per step: one mixing layer alone (fwd+bwd) and the whole LM train step
+(`make_train_step`). Per point: compile time, median step time (IQR), tokens/s, XLA FLOPs, peak memory and
+MFU against a matmul peak timed in the same run. What each series and column means: README, "Speed".
 """
 
 from __future__ import annotations
@@ -47,6 +21,7 @@ from flax import nnx
 
 from grassjax import functional as F
 from grassjax.bench import timing
+from grassjax.compiled import compiled_flops, compiled_memory
 from grassjax.nn import ModelConfig, build_model, param_counts
 from grassjax.train.optim import make_optimizer
 from grassjax.train.run_logger import RunLogger
@@ -155,9 +130,9 @@ class _Point:
     def finish(self, peak_flops: float) -> dict:
         t = timing.Timing.from_samples(self.samples)
         exe, tokens = self.exe, self.row["tokens"]
-        flops = timing.compiled_flops(exe)
+        flops = compiled_flops(exe)
         mem, mem_source = timing.peak_memory_bytes(exe)
-        static_mem = timing.compiled_memory(exe)
+        static_mem = compiled_memory(exe)
         self.row.update(
             step_ms=1e3 * t.median_s, p25_ms=1e3 * t.p25_s, p75_ms=1e3 * t.p75_s, min_ms=1e3 * t.min_s,
             max_ms=1e3 * t.max_s, reps=t.reps, first_call_ms=1e3 * self.first_s,

@@ -1,4 +1,4 @@
-"""Timing helpers shared by the benchmarks: wall-clock statistics, compile time, memory, FLOPs, matmul peak.
+"""Timing helpers shared by the benchmarks: wall-clock statistics, compile time, peak memory, matmul peak.
 
 Everything here times *compiled* executables (``jax.jit(f).lower(...).compile()``)
 so that tracing and compilation never leak into a step time, and blocks on
@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import statistics
 import time
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from grassjax.compiled import compiled_flops, compiled_memory, compiled_memory_bytes  # noqa: F401 (re-exported)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,43 +132,10 @@ def peak_memory_bytes(compiled, device=None) -> tuple[int | None, str]:
     peak = device_peak_memory_bytes(device)
     if peak is not None:
         return int(peak), "device.memory_stats peak_bytes_in_use"
-    stats = compiled_memory(compiled)
-    if stats is None:
+    total = compiled_memory_bytes(compiled)
+    if total is None:
         return None, "unavailable"
-    total = stats["argument_bytes"] + stats["output_bytes"] + stats["temp_bytes"] - stats["alias_bytes"]
-    return int(total), "compiled.memory_analysis (argument + output + temp - alias)"
-
-
-def compiled_memory(compiled) -> dict[str, int] | None:
-    """The static memory analysis of a compiled executable, in bytes, or None."""
-    try:
-        m = compiled.memory_analysis()
-    except Exception:  # noqa: BLE001
-        return None
-    if m is None:
-        return None
-    get = lambda name: int(getattr(m, name, 0) or 0)
-    return {
-        "argument_bytes": get("argument_size_in_bytes"),
-        "output_bytes": get("output_size_in_bytes"),
-        "temp_bytes": get("temp_size_in_bytes"),
-        "alias_bytes": get("alias_size_in_bytes"),
-        "generated_code_bytes": get("generated_code_size_in_bytes"),
-    }
-
-
-def compiled_flops(compiled) -> float | None:
-    """XLA's own FLOP count for one call (`compiled.cost_analysis()['flops']`), None if unavailable."""
-    try:
-        cost = compiled.cost_analysis()
-    except Exception:  # noqa: BLE001
-        return None
-    if isinstance(cost, (list, tuple)):  # older JAX returned one dict per device
-        cost = cost[0] if cost else None
-    if not cost or "flops" not in cost:
-        return None
-    flops = float(cost["flops"])
-    return flops if flops > 0 else None
+    return total, "compiled.memory_analysis (argument + output + temp - alias)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,7 +194,3 @@ def load_average() -> float | None:
         return os.getloadavg()[0]
     except OSError:
         return None
-
-
-def median(xs) -> float:
-    return float(statistics.median(xs))

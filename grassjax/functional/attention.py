@@ -152,3 +152,22 @@ def _explicit_attention(q, k, v, mask, scale):
     weights = unnorm / jnp.where(denom > 0, denom, 1.0)
     out = jnp.einsum("...hts,...shd->...thd", weights.astype(v.dtype), v)
     return out, weights
+
+
+def attention_step(q_t: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos: jax.Array, *,
+                   scale: float | None = None) -> jax.Array:
+    """Causal attention for the single query at position `pos`, against a key/value cache.
+
+    Args:
+      q_t: (..., H, D) query at position pos.
+      k_cache, v_cache: (..., S, H, D); rows 0..pos are filled (row pos is this
+        token's own key/value), later rows are ignored.
+      pos: int scalar (may be traced).
+    Returns:
+      (..., H, D).
+    """
+    S = k_cache.shape[-3]
+    visible = (jnp.arange(S) <= pos)[None, :]  # (T=1, S): keys at positions <= pos
+    out = scaled_dot_product_attention(q_t[..., None, :, :], k_cache, v_cache, causal=False, mask=visible,
+                                       scale=scale)  # (..., 1, H, D)
+    return out[..., 0, :, :]

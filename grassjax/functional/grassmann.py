@@ -51,20 +51,55 @@ part of the Plücker space; with every M_δ = I it is the paper's layer. ‖d̂^
 partners stay bounded by ‖M_δ‖ for nearly parallel pairs too. Cost: m r² extra parameters and an
 (m, r) x (r, r) product per position, small next to the r² d projection.
 
-Weight layout (x @ W convention, like Flax's Linear kernels):
+Weights: one `GrassmannWeights` bundle (x @ W convention, like Flax's Linear kernels):
   w_red (d, r), b_red (r,), w_plu (r(r-1)/2, d), b_plu (d,),
-  w_gate (2d, d) acting on [h; g], b_gate (d,).
+  w_gate (2d, d) acting on [h; g], b_gate (d,), and the optional partner_mix (m, r, r).
+
+Streaming (generation): `grassmann_mix_step` is the same layer at one position. Position t reads only z_t and
+the partners z_{t-δ}, so it needs the last max(offsets) reduced states, a fixed-size window whatever the
+context: (..., M, r) with M = max(offsets), oldest first, so z_{t-δ} sits at row M - δ (a static slice).
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+class GrassmannWeights(NamedTuple):
+    """The parameters of one Grassmann layer (a pytree); shapes in the module docstring.
+
+    partner_mix (m, r, r), one matrix M_δ per entry of offsets, selects the order-keeping variant;
+    None is the paper's layer.
+    """
+
+    w_red: jax.Array
+    b_red: jax.Array
+    w_plu: jax.Array
+    b_plu: jax.Array
+    w_gate: jax.Array
+    b_gate: jax.Array
+    partner_mix: jax.Array | None = None
+
+    @classmethod
+    def of(cls, weights: "GrassmannWeights | None" = None, **arrays) -> "GrassmannWeights":
+        """`weights`, or the bundle of keyword arrays w_red=..., b_gate=... (and partner_mix=...).
+
+        The mixing functions take either form: weights=GrassmannWeights(...) or the six arrays as keywords.
+        """
+        if weights is None:
+            return cls(**arrays)
+        if arrays.get("partner_mix") is not None:  # partner_mix=M next to a bundle without one
+            weights = weights._replace(partner_mix=arrays.pop("partner_mix"))
+        arrays.pop("partner_mix", None)
+        if arrays:
+            raise TypeError(f"pass the weights either as a GrassmannWeights or as keywords, not both: {sorted(arrays)}")
+        return weights
 
 
 def num_plucker_coords(r: int) -> int:
@@ -262,8 +297,8 @@ def gate(h: jax.Array, g: jax.Array, w_gate: jax.Array, b_gate: jax.Array) -> tu
     return alpha * h + (1 - alpha) * g, alpha
 
 
-def grassmann_feature(u: jax.Array, partners: jax.Array, valid, *, w_plu: jax.Array, b_plu: jax.Array,
-                      eps: float, dtype, partner_mix: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+def grassmann_feature(u: jax.Array, partners: jax.Array, valid, weights: GrassmannWeights, *, eps: float,
+                      dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
     """g = mean over valid δ of (p̂^δ W_plu + b_plu), by the wedge collapse: one projection for all offsets.
 
     Shared by `grassmann_mix` (all positions) and `grassmann_mix_step` (one position).
@@ -272,18 +307,20 @@ def grassmann_feature(u: jax.Array, partners: jax.Array, valid, *, w_plu: jax.Ar
       u: (..., r) z_t, rescaled (see `rescale`).
       partners: (..., m, r) z_{t-δ}, rescaled, one per offset.
       valid: (..., m) bool (NumPy or traced), whether z_{t-δ} exists.
+      weights: w_plu and b_plu project; partner_mix, if any, is the order-keeping variant: d̂^δ -> d̂^δ M_δ
+        before the mean.
       dtype: the dtype of the coordinates and the projection (z's dtype).
-      partner_mix: optional (m, r, r), the order-keeping variant: d̂^δ -> d̂^δ M_δ before the mean.
     Returns:
       g (..., d), 0 where no offset is valid; w (..., r), the collapsed partner
       (mean_δ p̂^δ = z_t/‖z_t‖ ∧ w); sin θ (..., m) per pair.
     """
     d_hat, sin = normalized_partner(u[..., None, :], partners, eps)  # (..., m, r), (..., m)
+    partner_mix = weights.partner_mix
     if partner_mix is not None:  # order-keeping variant: each offset's partner through its own M_δ
         d_hat = jnp.einsum("...kr,krs->...ks", d_hat, partner_mix.astype(d_hat.dtype))
     num_valid = jnp.sum(valid, axis=-1, keepdims=True)  # (..., 1)
     w = jnp.sum(jnp.where(valid[..., None], d_hat, 0.0), axis=-2) / jnp.maximum(num_valid, 1)
-    g = plucker(direction(u).astype(dtype), w.astype(dtype)) @ w_plu + b_plu
+    g = plucker(direction(u).astype(dtype), w.astype(dtype)) @ weights.w_plu + weights.b_plu
     return jnp.where(num_valid > 0, g, 0), w, sin
 
 
@@ -293,20 +330,8 @@ def grassmann_feature(u: jax.Array, partners: jax.Array, valid, *, w_plu: jax.Ar
 _jit_mixer = functools.partial(jax.jit, static_argnames=("offsets", "eps", "return_intermediates"))
 
 
-def grassmann_mix_reference(
-    h: jax.Array,
-    *,
-    w_red: jax.Array,
-    b_red: jax.Array,
-    w_plu: jax.Array,
-    b_plu: jax.Array,
-    w_gate: jax.Array,
-    b_gate: jax.Array,
-    offsets: Sequence[int],
-    eps: float = 1e-6,
-    return_intermediates: bool = False,
-    partner_mix: jax.Array | None = None,
-):
+def grassmann_mix_reference(h: jax.Array, weights: GrassmannWeights | None = None, *, offsets: Sequence[int],
+                            eps: float = 1e-6, return_intermediates: bool = False, **weight_arrays):
     """Causal Grassmann mixing, computed literally: every offset, explicit coordinates.
 
     Slow (one r(r-1)/2 x d projection per offset); kept as the specification
@@ -314,23 +339,23 @@ def grassmann_mix_reference(
 
     Args:
       h: (..., T, d) hidden states.
-      w_red, b_red, w_plu, b_plu, w_gate, b_gate: weights, see module docstring.
+      weights: a GrassmannWeights (or its arrays as keywords, w_red=..., partner_mix=...); see module
+        docstring. partner_mix selects the order-keeping variant,
+        g_t^δ = W_plu (a ∧ d̂^δ M_δ) + b_plu with a ∧ d̂^δ = p̂_t^δ.
       offsets: positive ints; position t pairs with t - δ. Repeats count twice
         in the mean, as in the paper's {1, 2, 4, 8, 8, 8}.
       eps: relative floor: p̂ = p / max(‖p‖, eps ‖z_t‖ ‖z_{t-δ}‖), i.e. on
         sin θ (module docstring: degenerate pairs fade to 0, gradients stay
         finite, and the float32 error bound).
       return_intermediates: also return a dict of intermediates.
-      partner_mix: optional (m, r, r), one matrix per entry of `offsets`: the order-keeping variant,
-        g_t^δ = W_plu (a ∧ d̂^δ M_δ) + b_plu with a ∧ d̂^δ = p̂_t^δ (module docstring).
 
     Returns:
       out (..., T, d), or (out, intermediates) -- see `grassmann_mix`.
     """
+    weights = GrassmannWeights.of(weights, **weight_arrays)
     offsets = check_offsets(offsets)
-    check_partner_mix(partner_mix, offsets, w_red.shape[-1])
-    return _reference(h, w_red=w_red, b_red=b_red, w_plu=w_plu, b_plu=b_plu, w_gate=w_gate, b_gate=b_gate,
-                      offsets=offsets, eps=eps, return_intermediates=return_intermediates, partner_mix=partner_mix)
+    check_partner_mix(weights.partner_mix, offsets, weights.w_red.shape[-1])
+    return _reference(h, weights, offsets=offsets, eps=eps, return_intermediates=return_intermediates)
 
 
 def check_partner_mix(partner_mix, offsets: Sequence[int], r: int) -> None:
@@ -341,8 +366,8 @@ def check_partner_mix(partner_mix, offsets: Sequence[int], r: int) -> None:
 
 
 @_jit_mixer
-def _reference(h, *, w_red, b_red, w_plu, b_plu, w_gate, b_gate, offsets, eps, return_intermediates,
-               partner_mix=None):
+def _reference(h, weights: GrassmannWeights, *, offsets, eps, return_intermediates):
+    w_red, b_red, w_plu, b_plu, w_gate, b_gate, partner_mix = weights
     T = h.shape[-2]
     z = h @ w_red + b_red  # (..., T, r)
     valid = offset_validity(offsets, T)  # (T, m)
@@ -371,20 +396,8 @@ def _reference(h, *, w_red, b_red, w_plu, b_plu, w_gate, b_gate, offsets, eps, r
     return out, dict(z=z, g=g, alpha=alpha, plucker_norm=jnp.stack(norms, -1), valid=jnp.asarray(valid))
 
 
-def grassmann_mix(
-    h: jax.Array,
-    *,
-    w_red: jax.Array,
-    b_red: jax.Array,
-    w_plu: jax.Array,
-    b_plu: jax.Array,
-    w_gate: jax.Array,
-    b_gate: jax.Array,
-    offsets: Sequence[int],
-    eps: float = 1e-6,
-    return_intermediates: bool = False,
-    partner_mix: jax.Array | None = None,
-):
+def grassmann_mix(h: jax.Array, weights: GrassmannWeights | None = None, *, offsets: Sequence[int],
+                  eps: float = 1e-6, return_intermediates: bool = False, **weight_arrays):
     """Causal Grassmann mixing via the wedge-collapse identity.
 
     Same maths and arguments as `grassmann_mix_reference`, at
@@ -392,8 +405,8 @@ def grassmann_mix(
 
     Args:
       h: (..., T, d) hidden states, float32 or bfloat16.
-      w_red (d, r), b_red (r,), w_plu (r(r-1)/2, d), b_plu (d,),
-      w_gate (2d, d), b_gate (d,): weights.
+      weights: a GrassmannWeights, or its arrays as keywords (w_red=..., b_gate=..., partner_mix=...).
+        With partner_mix (m, r, r): the order-keeping variant, w_t = mean_δ d̂_t^δ M_δ.
       offsets: positive ints (static). Position t pairs with t - δ.
       eps: relative floor on each Plücker norm, as in `grassmann_mix_reference`.
       return_intermediates: also return a dict with
@@ -403,27 +416,24 @@ def grassmann_mix(
         plucker_norm (..., T, m) ‖z_t ∧ z_{t-δ}‖ per offset (0 where invalid),
         valid (T, m)             whether each offset is valid at t,
         w (..., T, r)            the collapsed partner: mean_δ p̂_t^δ = (z_t/‖z_t‖) ∧ w_t.
-      partner_mix: optional (m, r, r): the order-keeping variant, w_t = mean_δ d̂_t^δ M_δ.
 
     Returns:
       out (..., T, d), or (out, intermediates).
     """
+    weights = GrassmannWeights.of(weights, **weight_arrays)
     offsets = check_offsets(offsets)
-    check_partner_mix(partner_mix, offsets, w_red.shape[-1])
-    return _wedge_collapse(h, w_red=w_red, b_red=b_red, w_plu=w_plu, b_plu=b_plu, w_gate=w_gate, b_gate=b_gate,
-                           offsets=offsets, eps=eps, return_intermediates=return_intermediates,
-                           partner_mix=partner_mix)
+    check_partner_mix(weights.partner_mix, offsets, weights.w_red.shape[-1])
+    return _wedge_collapse(h, weights, offsets=offsets, eps=eps, return_intermediates=return_intermediates)
 
 
 @_jit_mixer
-def _wedge_collapse(h, *, w_red, b_red, w_plu, b_plu, w_gate, b_gate, offsets, eps, return_intermediates,
-                    partner_mix=None):
+def _wedge_collapse(h, weights: GrassmannWeights, *, offsets, eps, return_intermediates):
     # Everything but the time shifts is per position, so it runs on (N, ...) with N = batch x T rows: the
     # same shapes (and the same XLA fusions, parallelised over N) whether the batch is 16 x 256 or 1 x 4096.
     *lead, T, d = h.shape
     n = math.prod(lead)
     h2 = h.reshape(n * T, d)
-    z = h2 @ w_red + b_red  # (N, r)
+    z = h2 @ weights.w_red + weights.b_red  # (N, r)
     r = z.shape[-1]
     acc = jnp.promote_types(z.dtype, jnp.float32)  # directions and w in >= float32
     u, scale = rescale(z.astype(acc))  # (N, r), (N, 1)
@@ -432,10 +442,9 @@ def _wedge_collapse(h, *, w_red, b_red, w_plu, b_plu, w_gate, b_gate, offsets, e
     # All offsets at once (a handful of fused ops instead of a few per offset, forward and backward):
     # partners[row(b, t), k, :] = u_{b, t - δ_k}, zero where t < δ_k.
     partners = shifted_partners(u.reshape(n, T, r), offsets).reshape(n * T, len(offsets), r)
-    g, w, sin = grassmann_feature(u, partners, valid, w_plu=w_plu, b_plu=b_plu, eps=eps, dtype=z.dtype,
-                                  partner_mix=partner_mix)
+    g, w, sin = grassmann_feature(u, partners, valid, weights, eps=eps, dtype=z.dtype)
     g = g.astype(h.dtype)
-    out, alpha = gate(h2, g, w_gate, b_gate)
+    out, alpha = gate(h2, g, weights.w_gate, weights.b_gate)
     unflatten = lambda x: x.reshape(tuple(lead) + (T,) + x.shape[1:])
     if not return_intermediates:
         return unflatten(out)
@@ -444,3 +453,66 @@ def _wedge_collapse(h, *, w_red, b_red, w_plu, b_plu, w_gate, b_gate, offsets, e
     norm = jnp.where(valid, sin * z_len * partner_len, 0.0)  # ‖z_t ∧ z_{t-δ}‖
     return unflatten(out), dict(z=unflatten(z), g=unflatten(g), alpha=unflatten(alpha),
                                 plucker_norm=unflatten(norm), valid=jnp.asarray(valid_t), w=unflatten(w))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Streaming: one position at a time, from a window of the last max(offsets) reduced states
+
+
+def grassmann_window_size(offsets: Sequence[int]) -> int:
+    """M = max(offsets): how many past reduced states a streaming layer keeps."""
+    return max(check_offsets(offsets))
+
+
+def init_grassmann_window(batch_shape: Sequence[int], offsets: Sequence[int], rank: int,
+                          dtype=jnp.float32) -> jax.Array:
+    """Empty window of past reduced states, (*batch_shape, max(offsets), rank)."""
+    return jnp.zeros((*batch_shape, grassmann_window_size(offsets), rank), dtype)
+
+
+def grassmann_window_from_states(z: jax.Array, offsets: Sequence[int]) -> jax.Array:
+    """The window after a prefix: the last max(offsets) rows of z (..., T, r), zero-padded in front if T < M."""
+    M, T = grassmann_window_size(offsets), z.shape[-2]
+    if T >= M:
+        return z[..., T - M :, :]
+    pad = [(0, 0)] * (z.ndim - 2) + [(M - T, 0), (0, 0)]
+    return jnp.pad(z, pad)
+
+
+def push_grassmann_window(window: jax.Array, z_t: jax.Array) -> jax.Array:
+    """Drop the oldest state, append z_t: (..., M, r), (..., r) -> (..., M, r)."""
+    return jnp.concatenate([window[..., 1:, :], z_t[..., None, :].astype(window.dtype)], axis=-2)
+
+
+def grassmann_mix_step(h_t: jax.Array, window: jax.Array, pos: jax.Array, weights: GrassmannWeights | None = None,
+                       *, offsets: Sequence[int], eps: float = 1e-6,
+                       **weight_arrays) -> tuple[jax.Array, jax.Array]:
+    """`grassmann_mix` at the single position `pos`, from the window of earlier reduced states.
+
+    Same maths, same operation order as `grassmann_mix` (wedge collapse), so
+    it matches that function's row `pos` to rounding.
+
+    Args:
+      h_t: (..., d) hidden state at position pos.
+      window: (..., M, r) reduced states z_{pos-M} .. z_{pos-1}, oldest first
+        (M = max(offsets); rows before position 0 are ignored).
+      pos: int scalar (may be traced), the position of h_t.
+      weights (or its arrays as keywords), offsets, eps: as in `grassmann_mix`.
+
+    Returns:
+      (out_t (..., d), new window (..., M, r)) -- the window now ends with z_pos.
+    """
+    weights = GrassmannWeights.of(weights, **weight_arrays)
+    offsets = check_offsets(offsets)
+    M = max(offsets)
+    if window.shape[-2] != M:
+        raise ValueError(f"window holds {window.shape[-2]} states, offsets {offsets} need max(offsets) = {M}")
+    z = h_t @ weights.w_red + weights.b_red  # (..., r)
+    acc = jnp.promote_types(z.dtype, jnp.float32)  # as grassmann_mix: directions and w in >= float32
+    u, _ = rescale(z.astype(acc))  # (..., r)
+    past, _ = rescale(window.astype(acc))  # (..., M, r)
+    partners = jnp.stack([past[..., M - delta, :] for delta in offsets], axis=-2)  # z_{pos-δ}: (..., m, r)
+    valid = pos >= jnp.asarray(offsets)  # (m,): the partner t - δ exists
+    g, _, _ = grassmann_feature(u, partners, valid, weights, eps=eps, dtype=z.dtype)
+    out, _ = gate(h_t, g.astype(h_t.dtype), weights.w_gate, weights.b_gate)
+    return out, push_grassmann_window(window, z)

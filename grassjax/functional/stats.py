@@ -10,7 +10,6 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from grassjax.functional.grassmann import direction, normalized_partner, rescale, shifted_partners
 
@@ -133,8 +132,3 @@ def offset_share_map(intermediates: dict[str, jax.Array], offsets: Sequence[int]
     """(T, m) map of how much position t draws on each offset, averaged over the batch."""
     share = offset_alignment(intermediates["z"], intermediates["w"], intermediates["valid"], offsets, eps)
     return share.reshape((-1,) + share.shape[-2:]).mean(0)
-
-
-def histogram_edges(bins: int = 20) -> np.ndarray:
-    """Bin edges used by grassmann_stats' gate_hist."""
-    return np.linspace(0.0, 1.0, bins + 1)

@@ -1,5 +1,7 @@
 """Flax NNX layers: thin wrappers that hold parameters and call grassjax.functional.
 
+Every mixer and Block takes an optional generation cache in __call__ and returns it (as Flax's NNX gemma does),
+so one forward pass serves training, statistics and streaming generation.
 Shapes: B = batch, T = time, C = d_model, H = heads, D = head size, r = rank.
 """
 
@@ -32,13 +34,30 @@ def layer_norm(cfg: ModelConfig, *, rngs: nnx.Rngs) -> nnx.LayerNorm:
     return nnx.LayerNorm(cfg.d_model, epsilon=1e-5, dtype=compute_dtype(cfg), rngs=rngs)
 
 
-def _weights(linear: nnx.Linear, dtype):
+def _kernel_and_bias(linear: nnx.Linear, dtype):
     """(kernel, bias) of a Linear as arrays in the compute dtype; bias 0 when absent."""
     bias = linear.bias[...].astype(dtype) if linear.bias is not None else jnp.zeros((), dtype)
     return linear.kernel[...].astype(dtype), bias
 
 
-class CausalSelfAttention(nnx.Module):
+class Mixer(nnx.Module):
+    """A time mixer. Subclasses give forward (whole sequence), init_cache, prefill and decode (streaming).
+
+    __call__(x, cache=None) -> (y, cache, intermediates):
+      no cache:       x (B, T, C), the whole sequence; intermediates (for statistics) if asked, else None;
+      an empty cache  (init_cache(B, max_len)) and x (B, T, C): the prompt, returning the filled cache;
+      a cache and     x (B, C): one position at cache["pos"], returning the cache advanced by one.
+    """
+
+    def __call__(self, x: jax.Array, cache: dict | None = None, *, return_intermediates: bool = False):
+        if cache is None:
+            y, intermediates = self.forward(x, return_intermediates=return_intermediates)
+            return y, None, intermediates
+        y, cache = self.decode(x, cache) if x.ndim == 2 else self.prefill(x, cache)
+        return y, cache, None
+
+
+class CausalSelfAttention(Mixer):
     """Multi-head causal self-attention: fused qkv projection, attention, output projection."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -46,14 +65,14 @@ class CausalSelfAttention(nnx.Module):
         self.qkv = dense(cfg, cfg.d_model, 3 * cfg.d_model, rngs=rngs)
         self.out = dense(cfg, cfg.d_model, cfg.d_model, rngs=rngs)
 
-    def __call__(self, x: jax.Array, *, return_intermediates: bool = False):
+    def forward(self, x: jax.Array, *, return_intermediates: bool = False):
         *lead, T, C = x.shape
         H = self.num_heads
         qkv = self.qkv(x).reshape(*lead, T, 3, H, C // H)  # (B, T, 3, H, D)
         q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
         if not return_intermediates:
             y = F.scaled_dot_product_attention(q, k, v, causal=True)  # (B, T, H, D)
-            return self.out(y.reshape(*lead, T, C))
+            return self.out(y.reshape(*lead, T, C)), None
         y, weights = F.scaled_dot_product_attention(q, k, v, causal=True, return_weights=True)
         logits = F.attention_logits(q, k)  # (B, H, T, T), recomputed only on this statistics path
         max_logit = jnp.max(jnp.where(F.causal_mask(T), logits, -jnp.inf), axis=(-2, -1))  # (B, H)
@@ -75,16 +94,16 @@ class CausalSelfAttention(nnx.Module):
         zeros = jnp.zeros((batch, max_len, H, D), dtype)
         return {"k": zeros, "v": zeros, "pos": jnp.zeros((), jnp.int32)}
 
-    def prefill(self, x: jax.Array, max_len: int):
-        """Causal attention over a whole prompt x (B, T, C), returning (y (B, T, C), cache sized max_len)."""
+    def prefill(self, x: jax.Array, cache: dict):
+        """Causal attention over a whole prompt x (B, T, C) -> (y (B, T, C), the empty cache filled to T)."""
         B, T, C = x.shape
+        max_len = cache["k"].shape[1]
         if T > max_len:
             raise ValueError(f"prompt length {T} exceeds the cache length max_len={max_len}")
         q, k, v = self._split_qkv(x)  # (B, T, H, D)
         y = F.scaled_dot_product_attention(q, k, v, causal=True)
-        cache = self.init_cache(B, max_len, k.dtype)
-        cache = {"k": cache["k"].at[:, :T].set(k), "v": cache["v"].at[:, :T].set(v),
-                 "pos": jnp.asarray(T, jnp.int32)}
+        cache = {"k": cache["k"].at[:, :T].set(k.astype(cache["k"].dtype)),
+                 "v": cache["v"].at[:, :T].set(v.astype(cache["v"].dtype)), "pos": jnp.asarray(T, jnp.int32)}
         return self.out(y.reshape(B, T, C)), cache
 
     def decode(self, x_t: jax.Array, cache: dict):
@@ -97,7 +116,7 @@ class CausalSelfAttention(nnx.Module):
         return self.out(y.reshape(x_t.shape)), {"k": k_cache, "v": v_cache, "pos": pos + 1}
 
 
-class CausalGrassmannMixing(nnx.Module):
+class CausalGrassmannMixing(Mixer):
     """Causal Grassmann mixing (reduce, Plücker, project, gate), then an optional d x d projection."""
 
     def __init__(self, cfg: ModelConfig, offsets: tuple[int, ...], *, rngs: nnx.Rngs):
@@ -116,7 +135,7 @@ class CausalGrassmannMixing(nnx.Module):
         self.partner_mix = nnx.Param(jnp.zeros(mix_shape)) if mix_shape else None
         self.rank = r
 
-    def _partner_mix(self):
+    def partner_mix_matrices(self):
         """(m, r, r) matrices M_δ, or None for the paper's layer."""
         if self.partner_mix is None:
             return None
@@ -125,20 +144,21 @@ class CausalGrassmannMixing(nnx.Module):
         m = eye + a if a.ndim == 3 else (1 + a)[:, None, None] * eye
         return m.astype(self.dtype)
 
-    def __call__(self, x: jax.Array, *, return_intermediates: bool = False):
-        w_red, b_red = _weights(self.reduce, self.dtype)
-        w_plu, b_plu = _weights(self.plucker_proj, self.dtype)
-        w_gate, b_gate = _weights(self.gate, self.dtype)
-        result = F.grassmann_mix(
-            x.astype(self.dtype),
-            w_red=w_red, b_red=b_red, w_plu=w_plu, b_plu=b_plu, w_gate=w_gate, b_gate=b_gate,
-            offsets=self.offsets, eps=self.eps, return_intermediates=return_intermediates,
-            partner_mix=self._partner_mix(),
-        )
+    def weights(self) -> F.GrassmannWeights:
+        """The mixing weights in the compute dtype (the optional output projection is applied separately)."""
+        w_red, b_red = _kernel_and_bias(self.reduce, self.dtype)
+        w_plu, b_plu = _kernel_and_bias(self.plucker_proj, self.dtype)
+        w_gate, b_gate = _kernel_and_bias(self.gate, self.dtype)
+        return F.GrassmannWeights(w_red, b_red, w_plu, b_plu, w_gate, b_gate, self.partner_mix_matrices())
+
+    def _project(self, y):
+        return y if self.out is None else self.out(y)
+
+    def forward(self, x: jax.Array, *, return_intermediates: bool = False):
+        result = F.grassmann_mix(x.astype(self.dtype), self.weights(), offsets=self.offsets, eps=self.eps,
+                                 return_intermediates=return_intermediates)
         y, intermediates = result if return_intermediates else (result, None)
-        if self.out is not None:
-            y = self.out(y)
-        return (y, intermediates) if return_intermediates else y
+        return self._project(y), intermediates
 
     # --- Streaming generation: only the last max(offsets) reduced states are kept. ---
 
@@ -147,25 +167,17 @@ class CausalGrassmannMixing(nnx.Module):
         z = F.init_grassmann_window((batch,), self.offsets, self.reduce.out_features, dtype or self.dtype)
         return {"z": z, "pos": jnp.zeros((), jnp.int32)}
 
-    def prefill(self, x: jax.Array, max_len: int | None = None):
-        """Mix a whole prompt x (B, T, C), returning (y (B, T, C), state after position T-1)."""
-        y, intermediates = self(x, return_intermediates=True)  # z comes out of the same computation
+    def prefill(self, x: jax.Array, cache: dict):
+        """Mix a whole prompt x (B, T, C) -> (y (B, T, C), state after position T-1); the empty cache is unused."""
+        y, intermediates = self.forward(x, return_intermediates=True)  # z comes out of the same computation
         z = F.grassmann_window_from_states(intermediates["z"], self.offsets)  # (B, M, r)
         return y, {"z": z, "pos": jnp.asarray(x.shape[-2], jnp.int32)}
 
     def decode(self, x_t: jax.Array, cache: dict):
         """One position: x_t (B, C) at position cache["pos"] -> (y_t (B, C), state with z_t pushed)."""
-        w_red, b_red = _weights(self.reduce, self.dtype)
-        w_plu, b_plu = _weights(self.plucker_proj, self.dtype)
-        w_gate, b_gate = _weights(self.gate, self.dtype)
-        y, z = F.grassmann_mix_step(
-            x_t.astype(self.dtype), cache["z"], cache["pos"],
-            w_red=w_red, b_red=b_red, w_plu=w_plu, b_plu=b_plu, w_gate=w_gate, b_gate=b_gate,
-            offsets=self.offsets, eps=self.eps, partner_mix=self._partner_mix(),
-        )
-        if self.out is not None:
-            y = self.out(y)
-        return y, {"z": z, "pos": cache["pos"] + 1}
+        y, z = F.grassmann_mix_step(x_t.astype(self.dtype), cache["z"], cache["pos"], self.weights(),
+                                    offsets=self.offsets, eps=self.eps)
+        return self._project(y), {"z": z, "pos": cache["pos"] + 1}
 
 
 class SlidingWindowAttention(CausalSelfAttention):
@@ -181,11 +193,10 @@ class SlidingWindowAttention(CausalSelfAttention):
         super().__init__(cfg, rngs=rngs)
         self.window = int(window)
 
-    def __call__(self, x: jax.Array, *, return_intermediates: bool = False):
+    def forward(self, x: jax.Array, *, return_intermediates: bool = False):
         *lead, T, C = x.shape
         q, k, v = self._split_qkv(x)  # (B, T, H, D)
-        y = self.out(F.sliding_window_attention(q, k, v, window=self.window).reshape(*lead, T, C))
-        return (y, None) if return_intermediates else y
+        return self.out(F.sliding_window_attention(q, k, v, window=self.window).reshape(*lead, T, C)), None
 
     def init_cache(self, batch: int, max_len: int | None = None, dtype=None) -> dict:
         """Empty buffers k, v (B, window + 1, H, D) and pos (int32 scalar); max_len is unused."""
@@ -194,7 +205,7 @@ class SlidingWindowAttention(CausalSelfAttention):
         k, v = F.init_kv_window((batch,), self.window, H, D, dtype or self.qkv.dtype or jnp.float32)
         return {"k": k, "v": v, "pos": jnp.zeros((), jnp.int32)}
 
-    def prefill(self, x: jax.Array, max_len: int | None = None):
+    def prefill(self, x: jax.Array, cache: dict):
         """x (B, T, C) -> (y (B, T, C), buffers holding the last window + 1 keys and values)."""
         B, T, C = x.shape
         q, k, v = self._split_qkv(x)
@@ -210,7 +221,7 @@ class SlidingWindowAttention(CausalSelfAttention):
         return self.out(y.reshape(x_t.shape)), {"k": k_win, "v": v_win, "pos": cache["pos"] + 1}
 
 
-class CausalConvMixing(nnx.Module):
+class CausalConvMixing(Mixer):
     """Control mixer, attention-free: a causal depthwise convolution over time, then a d x d projection.
 
     kernel (K, C) with K = max(offsets) + 1, so position t reads t - max(offsets) .. t like a Grassmann
@@ -228,21 +239,20 @@ class CausalConvMixing(nnx.Module):
         bias = None if self.bias is None else self.bias[...].astype(self.dtype)
         return self.kernel[...].astype(self.dtype), bias
 
-    def __call__(self, x: jax.Array, *, return_intermediates: bool = False):
+    def forward(self, x: jax.Array, *, return_intermediates: bool = False):
         kernel, bias = self._weights()
-        y = self.out(F.causal_depthwise_conv(x.astype(self.dtype), kernel=kernel, bias=bias))
-        return (y, None) if return_intermediates else y
+        return self.out(F.causal_depthwise_conv(x.astype(self.dtype), kernel=kernel, bias=bias)), None
 
     def init_cache(self, batch: int, max_len: int | None = None, dtype=None) -> dict:
         """Empty buffer x (B, K - 1, C) and pos (int32 scalar); max_len is unused."""
         K, C = self.kernel.shape
         return {"x": F.init_conv_window((batch,), K, C, dtype or self.dtype), "pos": jnp.zeros((), jnp.int32)}
 
-    def prefill(self, x: jax.Array, max_len: int | None = None):
+    def prefill(self, x: jax.Array, cache: dict):
         """x (B, T, C) -> (y (B, T, C), buffer of the last K - 1 inputs)."""
         x = x.astype(self.dtype)
         window = F.conv_window_from_states(x, self.kernel.shape[0])
-        return self(x), {"x": window, "pos": jnp.asarray(x.shape[-2], jnp.int32)}
+        return self.forward(x)[0], {"x": window, "pos": jnp.asarray(x.shape[-2], jnp.int32)}
 
     def decode(self, x_t: jax.Array, cache: dict):
         """x_t (B, C) at position cache["pos"] -> (y_t (B, C), buffer with x_t pushed)."""
@@ -282,46 +292,26 @@ class Block(nnx.Module):
         self.ffn = FeedForward(cfg, rngs=rngs)
         self.dropout = nnx.Dropout(cfg.dropout)
 
-    def _mix(self, x, capture):
-        if capture:
-            return self.mixer(x, return_intermediates=True)
-        return self.mixer(x), None
+    def __call__(self, x, cache: dict | None = None, *, deterministic: bool = True, rngs: nnx.Rngs | None = None,
+                 return_intermediates: bool = False):
+        """x (B, T, C) -> (out (B, T, C), the mixer's cache, its intermediates); see Mixer for the cache.
 
-    def __call__(self, x, *, deterministic: bool = True, rngs: nnx.Rngs | None = None, capture: bool = False):
-        """x: (B, T, C) -> (B, T, C), plus the mixer's intermediates (or None)."""
+        Generation calls it with a cache and x (B, T, C) (the prompt) or (B, C) (one position); dropout is then off.
+        """
         drop = lambda y: self.dropout(y, deterministic=deterministic, rngs=rngs)
         ffn = lambda y: self.ffn(y, deterministic=deterministic, rngs=rngs)
+        mix = lambda h: self.mixer(h, cache, return_intermediates=return_intermediates)
         if self.norm_placement == "pre":
-            m, inter = self._mix(self.norm1(x), capture)
+            m, cache, inter = mix(self.norm1(x))
             x = x + drop(m)
-            return x + ffn(self.norm2(x)), inter
-        m, inter = self._mix(x, capture)
+            return x + ffn(self.norm2(x)), cache, inter
+        m, cache, inter = mix(x)
         if self.mixer_kind == "grassmann":
             # Paper: ĥ = Dropout(LN(h̃)); out = LN(ĥ + FFN(ĥ)). The gate is the mixer's residual.
             h = drop(self.norm1(m))
         else:
             h = self.norm1(x + drop(m))
-        return self.norm2(h + ffn(h)), inter
-
-    # --- Streaming generation (inference only: dropout off). ---
+        return self.norm2(h + ffn(h)), cache, inter
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
         return self.mixer.init_cache(batch, max_len, dtype)
-
-    def prefill(self, x: jax.Array, max_len: int):
-        """x (B, T, C) -> (out (B, T, C), mixer cache holding the prompt)."""
-        return self._inference(x, lambda h: self.mixer.prefill(h, max_len))
-
-    def decode(self, x_t: jax.Array, cache: dict):
-        """x_t (B, C) at position cache["pos"] -> (out (B, C), updated mixer cache)."""
-        return self._inference(x_t, lambda h: self.mixer.decode(h, cache))
-
-    def _inference(self, x, mix):
-        """__call__ with deterministic=True, the mixer call replaced by mix: h -> (m, cache)."""
-        if self.norm_placement == "pre":
-            m, cache = mix(self.norm1(x))
-            x = x + m
-            return x + self.ffn(self.norm2(x)), cache
-        m, cache = mix(x)
-        h = self.norm1(m) if self.mixer_kind == "grassmann" else self.norm1(x + m)  # see __call__
-        return self.norm2(h + self.ffn(h)), cache

@@ -38,19 +38,41 @@ class LanguageModel(nnx.Module):
         block: the mixer's intermediates (attention weights, or Grassmann gate,
         norms, ...), for statistics.
         """
-        B, T = tokens.shape
-        if T > self.cfg.block_size:
-            raise ValueError(f"sequence length {T} exceeds model.block_size={self.cfg.block_size}")
-        x = self.tok_embed(tokens) + self.pos_embed(jnp.arange(T))  # (B, T, C)
+        x, _, intermediates = self.hidden(tokens, deterministic=deterministic, rngs=rngs,
+                                          return_intermediates=return_intermediates)
+        logits = self.logits(x)
+        return (logits, intermediates) if return_intermediates else logits
+
+    def hidden(self, tokens, caches: list[dict] | None = None, *, deterministic: bool = True,
+               rngs: nnx.Rngs | None = None, return_intermediates: bool = False):
+        """Embeddings and blocks, before the final norm: (x, caches, intermediates).
+
+        Without caches: tokens (B, T), positions 0..T-1. With caches (generation, one per block, see
+        Block): tokens (B, T) is a prompt at positions 0..T-1 filling empty caches, tokens (B,) one token at
+        position caches[0]["pos"].
+        """
+        if tokens.ndim == 1:  # one position, streaming
+            positions = caches[0]["pos"]
+        else:
+            T = tokens.shape[1]
+            if T > self.cfg.block_size:
+                raise ValueError(f"sequence length {T} exceeds model.block_size={self.cfg.block_size}")
+            positions = jnp.arange(T)
+        x = self.tok_embed(tokens) + self.pos_embed(positions)  # (B, T, C) or (B, C)
         x = self.dropout(x, deterministic=deterministic, rngs=rngs)
-        intermediates = []
-        for block in self.blocks:
-            x, inter = block(x, deterministic=deterministic, rngs=rngs, capture=return_intermediates)
+        intermediates, new_caches = [], []
+        for block, cache in zip(self.blocks, caches or [None] * len(self.blocks)):
+            x, cache, inter = block(x, cache, deterministic=deterministic, rngs=rngs,
+                                    return_intermediates=return_intermediates)
             intermediates.append(inter)
+            new_caches.append(cache)
+        return x, (new_caches if caches is not None else None), intermediates
+
+    def logits(self, x):
+        """Final norm and head: (..., C) -> (..., V) float32."""
         x = self.final_norm(x)
         logits = self.tok_embed.attend(x) if self.head is None else self.head(x)
-        logits = logits.astype(jnp.float32)  # the loss wants full precision even under bfloat16
-        return (logits, intermediates) if return_intermediates else logits
+        return logits.astype(jnp.float32)  # the loss wants full precision even under bfloat16
 
 
 class BigramLanguageModel(nnx.Module):

@@ -66,11 +66,15 @@ def summarise(results: dict[str, list[TrainResult]], evals: dict[str, list[dict]
             bpc=full_mean / math.log(2), bpc_std=full_std / math.log(2),
             tokens_per_s=float(np.mean([r.tokens_per_s for r in runs])),
             step_time_ms=float(np.mean([r.step_time_ms for r in runs])),
-            step_memory_mb=runs[0].step_memory_bytes / 2**20,
-            gflops_per_step=runs[0].step_flops / 1e9,
+            step_memory_mb=_scaled(runs[0].step_memory_bytes, 2**20),  # nan where XLA gives no number
+            gflops_per_step=_scaled(runs[0].step_flops, 1e9),
             wall_time_s=float(np.mean([r.wall_time_s for r in runs])),
         ))
     return rows
+
+
+def _scaled(value, unit: float) -> float:
+    return math.nan if value is None else value / unit
 
 
 def add_gaps(rows: list[dict], baseline: str) -> list[dict]:

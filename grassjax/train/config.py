@@ -2,6 +2,12 @@
 
 An experiment config is an ml_collections ConfigDict with sections model
 (grassjax.nn.ModelConfig fields), data, train, stats and wandb.
+
+Why not ml_collections.config_flags: it binds --config to one config (a ConfigDict given when the flag is
+defined, or a file path in --config=path:arg), but here --exp=NAME, a flag parsed in the same pass, picks the
+config, and the CLI takes name lists without quotes (--config.compare.arms=grassmann,transformer). So
+`split_overrides` takes the --config.* arguments out of argv before absl parses the rest, and
+`apply_overrides` type-checks them against the chosen experiment's config.
 """
 
 from __future__ import annotations
@@ -68,6 +74,23 @@ def default_config() -> ml_collections.ConfigDict:
     ))
     cfg.wandb = ml_collections.ConfigDict(dict(project="grassjax", name="", group="", tags=()))
     return cfg
+
+
+CONFIG_PREFIX = "--config."
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
+    """(argv without the --config.<key>=<value> arguments, {key: value}); ConfigError for one with no value."""
+    rest, overrides = [], {}
+    for arg in argv:
+        if not arg.startswith(CONFIG_PREFIX):
+            rest.append(arg)
+            continue
+        key, sep, value = arg[len(CONFIG_PREFIX):].partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{arg!r} needs a value: write {CONFIG_PREFIX}<section>.<key>=VALUE")
+        overrides[key] = value
+    return rest, overrides
 
 
 def _parse_value(text: str, current, key: str):

@@ -1,34 +1,13 @@
-"""One object every run logs through: Weights & Biases, plus plain files that exist without it.
+"""One object every run logs through: Weights & Biases, plus plain files in the workdir that exist without it.
 
-W&B mode "auto" (the default) picks online only when credentials exist, else
-offline, so a run never waits at a login prompt and never reads stdin: the
-only way wandb would prompt is an online run without credentials, and that is
-refused up front (WandbCredentialsError) instead.
-
-Files written in the workdir whatever the mode:
-
-* metrics.jsonl -- one line {"step": s, **scalars} per `log` call, opened in
-  append mode so a resumed run continues the same file (steps re-run after a
-  resume appear again, later lines win). Lines are strict JSON: non-finite
-  floats are written as the strings "NaN", "Infinity", "-Infinity", which
-  `read_metrics_jsonl` turns back into floats.
-* images/<key>_<step>.png -- every logged image ("/" and other unsafe
-  characters in keys become "_").
-* tables.jsonl -- one line {"step", "table", "columns", "rows"} per table.
-* histograms.jsonl -- one line {"step", "histogram", "counts", "edges"} each.
-* summary.json -- the merged `set_summary` values.
-* wandb_run_id -- the W&B run id (online and offline modes), so a rerun in
-  the same workdir continues the same W&B run (resume="allow"). In offline
-  mode each (re)start writes its own wandb/offline-run-<time>-<id> folder with
-  the same id; sync them in order.
-
-W&B side: every `log` call is one history row that carries "step", the common
-x axis of all metrics (define_metric("*", step_metric="step")); wandb's own
-_step just counts rows, so logging a step twice (a resume) never drops data.
-val/loss, val/bpc and val/ppl get summary "min,last" (best and final value).
+Mode "auto" goes online only with credentials, else offline, so a run never waits at a login prompt. The files
+(metrics.jsonl, images/, tables.jsonl, histograms.jsonl, summary.json, wandb_run_id) and how a resumed run
+continues them: README, "Weights & Biases". Every W&B row carries "step", the x axis of all metrics.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import json
 import math
@@ -396,8 +375,14 @@ class RunLogger:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        code = 0 if exc_type is None else (130 if issubclass(exc_type, KeyboardInterrupt) else 1)
-        self.finish(exit_code=code)
+        """Finish with exit code 0; for a KeyboardInterrupt its exit_code (a stop on request: 128 + signal) or
+        130; for any other exception 1. After an exception, a failure to finish (a full disk) is not raised."""
+        if exc_type is None:
+            self.finish()
+            return False
+        code = getattr(exc, "exit_code", 130) if issubclass(exc_type, KeyboardInterrupt) else 1
+        with contextlib.suppress(Exception):
+            self.finish(exit_code=code)
         return False
 
 
@@ -421,3 +406,26 @@ def read_metrics_jsonl(path) -> list[dict]:
             continue
         records.append({k: _NON_FINITE.get(v, v) if isinstance(v, str) else v for k, v in record.items()})
     return records
+
+
+def rewind_metrics(path: pathlib.Path, step: int) -> list[dict]:
+    """Drop records logged after `step` from metrics.jsonl (a resumed run re-logs them); return the rest.
+
+    Records of one step are merged, so an eval's loss and statistics come back as one dict.
+    """
+    if not path.exists():
+        return []
+    def before(line):
+        try:
+            return json.loads(line)["step"] <= step
+        except json.JSONDecodeError:  # a line half-written by a killed run
+            return False
+
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if before(line)]
+    if len(kept) != len(lines):
+        path.write_text("".join(line + "\n" for line in kept))
+    merged: dict[int, dict] = {}
+    for record in read_metrics_jsonl(path):
+        merged.setdefault(record["step"], {}).update(record)
+    return [merged[s] for s in sorted(merged)]

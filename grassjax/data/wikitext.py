@@ -1,53 +1,8 @@
 """WikiText-2 (raw) as BERT-style WordPiece tokens, in NumPy and the `tokenizers` library (no JAX).
 
-    dataset = load_wikitext2()              # TokenDataset: train, val, test (uint16 streams), vocab
-    x, y = grassjax.data.sample_batch(dataset.train, batch_size=32, block_size=128, seed=0, step=0)
-
-Files to place
---------------
-The loader reads the three files of the official WikiText-2 raw archive, ``wikitext-2-raw-v1.zip``
-(4,721,645 bytes, sha256 ``ef7edb566e3e2b2d31b29c1fdb0c89a4cc683597484c3dc2517919c615435a11``). Unzipping it
-in DATA_DIR creates the folder the loader expects::
-
-    DATA_DIR/wikitext-2-raw/wiki.train.raw   10,940,747 bytes   36,718 lines
-        sha256 6707892fa3788b5ab9ed78ab5ff37d9fe825f6011a2ad4fcd6a6d467f0e7da57
-    DATA_DIR/wikitext-2-raw/wiki.valid.raw    1,146,846 bytes    3,760 lines
-        sha256 4cd0f6876d07a413aa911261ff6d363c72d757d47f0fdd6015702014c89cb9c7
-    DATA_DIR/wikitext-2-raw/wiki.test.raw     1,290,590 bytes    4,358 lines
-        sha256 173c87a53759e0201f33e0ccf978e510c2042d7f2cb78229d9a50d79b9e7dd08
-
-DATA_DIR is --data_dir, else $GRASSJAX_DATA_DIR, else the per-user cache (~/.cache/grassjax). The line counts
-are the split sizes of the Hugging Face card for ``wikitext``/``wikitext-2-raw-v1`` (one row per line); the
-byte sizes and sha256s are those that projects pinning the archive publish (the archive's sha256 is also the
-one the Hugging Face ``datasets`` loader checked). Files that do not match them are still used, with a
-warning, so a modified corpus can be trained on deliberately. If the three files are missing and the Hugging
-Face ``datasets`` package is installed with a cached copy of ``load_dataset("wikitext", "wikitext-2-raw-v1")``,
-that copy is read offline. Otherwise the official archive is downloaded from the addresses in WIKITEXT_URLS,
-tried in order; it must hash to WIKITEXT_ARCHIVE_SHA256 (else nothing is kept), and its three files are
-unpacked into a temporary folder beside DATA_DIR/wikitext-2-raw and renamed into place, so a crash never
-leaves a partial corpus.
-
-How the text becomes tokens
----------------------------
-* Lines that are empty or only whitespace (WikiText's paragraph separators) are skipped. Every other line is
-  kept as text, headings (`` = Title = ``, `` = = Section = = ``) and WikiText's ``@-@``, ``@,@``, ``@.@``
-  markers included. A split is one contiguous stream: the concatenation of its lines' encodings, no [SEP]
-  or [CLS] between them, which equals the encoding of its kept lines joined with "\\n" (BERT pre-tokenization
-  treats newlines as spaces).
-* The tokenizer is BERT's: BertNormalizer (lowercase, accents stripped, control characters dropped, spaces
-  around CJK characters), BertPreTokenizer (split on whitespace and punctuation), WordPiece with "##"
-  continuations and [UNK], WordPiece decoder, special tokens [PAD] [UNK] [CLS] [SEP] [MASK] (ids 0-4 when
-  trained). It is trained on the kept training lines with vocab_size (30,522 by default, the paper's and
-  bert-base-uncased's size; a small corpus may give fewer, and the alphabet of at most 1,000 characters
-  and their "##" forms is always kept, even beyond vocab_size), or read from a BERT ``vocab.txt`` (vocab_file=,
-  e.g. bert-base-uncased's, which has exactly 30,522 entries).
-* The `tokenizers` WordPiece trainer is not deterministic: two trainings on the same text can break ties
-  between equally frequent merges differently. The first trained tokenizer is therefore cached and reused,
-  at <data_dir>/wikitext-2-raw/wordpiece-<vocab_size>-<sha256 of wiki.train.raw, 12 hex>.json (``-min<k>``
-  is added before the hash when min_frequency is not 2), or under the per-user cache when the data folder is
-  read-only. Copy that file (it is also saved in every run's vocab.json) to reproduce a run's tokenization.
-* Token ids are uint16 and cached per split in tokens-wordpiece-<key>.npz beside the tokenizer, keyed by the
-  tokenizer and the three files' contents.
+Where the files come from (placed by hand, an offline Hugging Face cache, or the checked archive download),
+how lines become one token stream, and where the tokenizer and tokens are cached: README, "WikiText-2".
+The official files' sha256 are the constants below; a mismatch only warns.
 """
 
 from __future__ import annotations
@@ -66,13 +21,14 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from grassjax.data import (DATA_DIR_ENV, DataError, DownloadError, _is_writable_dir, _one_line, _write_atomically,
-                           fetch, resolve_data_dir, user_cache_dir)
+from grassjax.data.char import token_ids
+from grassjax.data.files import (DATA_DIR_ENV, DataError, DownloadError, cache_dirs, fetch, may_write_cache, one_line,
+                                 read_token_cache, resolve_data_dir, write_token_cache)
 
 WIKITEXT_DIR = "wikitext-2-raw"
 WIKITEXT_ARCHIVE = "wikitext-2-raw-v1.zip"
 WIKITEXT_FILES = {"train": "wiki.train.raw", "val": "wiki.valid.raw", "test": "wiki.test.raw"}
-# Published sha256 of the official files (see the module docstring); a mismatch only warns.
+# Published sha256 of the official files (as projects pinning the archive publish them); a mismatch only warns.
 WIKITEXT_SHA256 = {
     "train": "6707892fa3788b5ab9ed78ab5ff37d9fe825f6011a2ad4fcd6a6d467f0e7da57",
     "val": "4cd0f6876d07a413aa911261ff6d363c72d757d47f0fdd6015702014c89cb9c7",
@@ -129,7 +85,7 @@ class WordPieceVocab:
             try:
                 tokenizer = Tokenizer.from_str(tokenizer)
             except Exception as err:  # tokenizers raises its own exception types
-                raise DataError(f"not a tokenizer JSON ({_one_line(err)})") from err
+                raise DataError(f"not a tokenizer JSON ({one_line(err)})") from err
         if not isinstance(tokenizer, Tokenizer):
             raise DataError(f"WordPieceVocab takes a tokenizers.Tokenizer or its JSON, got {type(tokenizer)}")
         size = tokenizer.get_vocab_size(with_added_tokens=True)
@@ -150,7 +106,7 @@ class WordPieceVocab:
         try:
             model = models.WordPiece.from_file(str(path), unk_token=UNK_TOKEN)
         except Exception as err:
-            raise DataError(f"cannot read {path} as a WordPiece vocab.txt ({_one_line(err)})") from err
+            raise DataError(f"cannot read {path} as a WordPiece vocab.txt ({one_line(err)})") from err
         tokenizer = Tokenizer(model)
         if tokenizer.token_to_id(UNK_TOKEN) is None:
             raise DataError(f"{path} has no {UNK_TOKEN} token; a BERT vocab.txt lists it (bert-base-uncased: id 100)")
@@ -163,7 +119,7 @@ class WordPieceVocab:
         try:
             return cls(pathlib.Path(path).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError) as err:
-            raise DataError(f"cannot read tokenizer {path} ({_one_line(err)})") from err
+            raise DataError(f"cannot read tokenizer {path} ({one_line(err)})") from err
 
     # -- the CharVocab interface
 
@@ -195,13 +151,7 @@ class WordPieceVocab:
 
     def decode(self, ids: Iterable[int] | np.ndarray, *, skip_special_tokens: bool = False) -> str:
         """Ids of shape (N,) (list, NumPy or JAX array) -> text, with "##" pieces joined to their words."""
-        ids = np.asarray(ids if hasattr(ids, "__array__") else list(ids))
-        if ids.ndim > 1:
-            raise DataError(f"decode takes one sequence of ids, got shape {ids.shape}; decode each row")
-        ids = ids.reshape(-1).astype(np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.size):
-            bad = int(ids[(ids < 0) | (ids >= self.size)][0])
-            raise DataError(f"token id {bad} is outside the {self.size}-token vocabulary")
+        ids = token_ids(ids, self.size, "token")
         return self._tokenizer.decode(ids.tolist(), skip_special_tokens=skip_special_tokens)
 
     def to_dict(self) -> dict[str, Any]:
@@ -273,7 +223,7 @@ def _read_split_files(folder: pathlib.Path) -> dict[str, bytes] | None:
         try:
             out[split] = path.read_bytes()
         except OSError as err:
-            raise DataError(f"cannot read {path} ({_one_line(err)}); check its permissions") from err
+            raise DataError(f"cannot read {path} ({one_line(err)}); check its permissions") from err
     return out
 
 
@@ -315,7 +265,7 @@ def _load_from_hf_cache() -> dict[str, bytes] | None:
                 log.info("Using the cached Hugging Face copy of %s/%s", name, HF_CONFIG)
                 return out
             except Exception as err:  # not cached, offline, or another datasets version: try the next, then give up
-                log.debug("No offline Hugging Face copy of %s/%s (%s)", name, HF_CONFIG, _one_line(err))
+                log.debug("No offline Hugging Face copy of %s/%s (%s)", name, HF_CONFIG, one_line(err))
         return None
     finally:
         for k, v in saved_env.items():
@@ -383,7 +333,7 @@ def _unpack(archive: bytes, root: pathlib.Path) -> pathlib.Path:
         root.mkdir(parents=True, exist_ok=True)
         tmp = pathlib.Path(tempfile.mkdtemp(dir=root, prefix=f".{WIKITEXT_DIR}-"))
     except OSError as err:
-        raise DataError(f"cannot write the downloaded WikiText-2 to {root} ({_one_line(err)}); pass "
+        raise DataError(f"cannot write the downloaded WikiText-2 to {root} ({one_line(err)}); pass "
                         f"--data_dir=DIR pointing at a writable folder") from None
     try:
         with zipfile.ZipFile(io.BytesIO(archive)) as zf:
@@ -392,10 +342,10 @@ def _unpack(archive: bytes, root: pathlib.Path) -> pathlib.Path:
         os.rename(tmp, target)  # atomic; fails if another process unpacked it first, which is as good
     except (KeyError, zipfile.BadZipFile) as err:
         raise DataError(f"the WikiText-2 archive does not hold {WIKITEXT_DIR}/ and its three files "
-                        f"({_one_line(err)}); nothing was kept") from None
+                        f"({one_line(err)}); nothing was kept") from None
     except OSError as err:
         if not all((target / n).is_file() for n in WIKITEXT_FILES.values()):
-            raise DataError(f"cannot unpack WikiText-2 into {target} ({_one_line(err)}); pass --data_dir=DIR "
+            raise DataError(f"cannot unpack WikiText-2 into {target} ({one_line(err)}); pass --data_dir=DIR "
                             f"pointing at a writable folder") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -406,23 +356,12 @@ def _decode(data: bytes, split: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise DataError(f"{WIKITEXT_FILES[split]} is not UTF-8 text ({_one_line(err)}); use the official "
+        raise DataError(f"{WIKITEXT_FILES[split]} is not UTF-8 text ({one_line(err)}); use the official "
                         f"files from {WIKITEXT_ARCHIVE}") from err
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Caches
-
-
-def _cache_dirs(data_folder: pathlib.Path) -> list[pathlib.Path]:
-    """Where caches live, in order: beside the data, then the per-user cache."""
-    return [data_folder, user_cache_dir() / WIKITEXT_DIR]
-
-
-def _writable(path: pathlib.Path, data_folder: pathlib.Path) -> bool:
-    # Never write into a read-only data folder (the shared data here), even as root; the user cache is
-    # created on demand.
-    return path != data_folder or _is_writable_dir(data_folder)
 
 
 def tokenizer_cache_name(vocab_size: int, train_sha256: str, min_frequency: int = DEFAULT_MIN_FREQUENCY) -> str:
@@ -465,7 +404,7 @@ def _trained_vocab(train_lines: list[str], train_sha256: str, data_folder: pathl
                    min_frequency: int) -> WordPieceVocab:
     key = (train_sha256, vocab_size, min_frequency)
     name = tokenizer_cache_name(vocab_size, train_sha256, min_frequency)
-    candidates = [d / name for d in _cache_dirs(data_folder)]
+    candidates = [d / name for d in cache_dirs(data_folder)]
     for path in candidates:
         if path.is_file():
             try:
@@ -481,7 +420,7 @@ def _trained_vocab(train_lines: list[str], train_sha256: str, data_folder: pathl
     log.info("Training a %d-token WordPiece tokenizer on %d lines", vocab_size, len(train_lines))
     vocab = train_wordpiece(train_lines, vocab_size=vocab_size, min_frequency=min_frequency)
     for path in candidates:
-        if not _writable(path.parent, data_folder):
+        if not may_write_cache(path.parent, data_folder):
             continue
         try:
             saved = _publish_once(path, vocab.to_dict()["tokenizer"])
@@ -490,7 +429,7 @@ def _trained_vocab(train_lines: list[str], train_sha256: str, data_folder: pathl
             break
         except OSError as err:  # a cache is an optimisation, but say how to keep the tokenizer stable
             log.warning("Could not save the tokenizer at %s (%s); pass --data_dir=DIR pointing at a "
-                        "writable folder so later runs reuse it", path, _one_line(err))
+                        "writable folder so later runs reuse it", path, one_line(err))
     _TRAINED[key] = vocab
     return vocab
 
@@ -499,19 +438,6 @@ def _tokens_key(vocab: WordPieceVocab, split_sha256: Mapping[str, str]) -> str:
     blob = json.dumps({"format": _TOKEN_CACHE_FORMAT, "tokenizer": vocab.sha256, "splits": dict(split_sha256)},
                       sort_keys=True)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
-def _read_tokens(path: pathlib.Path, key: str) -> dict[str, np.ndarray] | None:
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            if str(f["key"]) != key:
-                return None
-            out = {split: f[split] for split in WIKITEXT_FILES}
-    except Exception:  # missing, truncated or not ours: rebuild it
-        return None
-    if any(a.dtype != np.uint16 or a.ndim != 1 for a in out.values()):
-        return None
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -532,7 +458,7 @@ class TokenDataset:
 def load_wikitext2(data_dir: str | os.PathLike | None = None, *, vocab_size: int = PAPER_VOCAB_SIZE,
                    vocab_file: str | os.PathLike | None = None,
                    min_frequency: int = DEFAULT_MIN_FREQUENCY) -> TokenDataset:
-    """WikiText-2 raw as WordPiece tokens; see the module docstring for the files, tokenizer and caches.
+    """WikiText-2 raw as WordPiece tokens; README, "WikiText-2", describes the files, tokenizer and caches.
 
     vocab_file: a BERT vocab.txt to use instead of training (vocab_size and min_frequency are then unused).
     """
@@ -556,22 +482,12 @@ def load_wikitext2(data_dir: str | os.PathLike | None = None, *, vocab_size: int
 
     key = _tokens_key(vocab, split_sha256)
     cache_name = f"tokens-wordpiece-{key[:12]}.npz"
-    candidates = [d / cache_name for d in _cache_dirs(data_folder)]
-    tokens = None
-    for path in candidates:
-        tokens = _read_tokens(path, key)
-        if tokens is not None:
-            break
+    valid = lambda arrays: arrays if all(arrays[s].dtype == np.uint16 and arrays[s].ndim == 1
+                                         for s in WIKITEXT_FILES) else None
+    tokens = read_token_cache(data_folder, cache_name, key, valid)
     if tokens is None:
         tokens = {split: vocab.encode_lines(split_lines) for split, split_lines in lines.items()}
-        for path in candidates:
-            if not _writable(path.parent, data_folder):
-                continue
-            try:
-                _write_atomically(path, lambda f: np.savez(f, key=np.array(key), **tokens))
-                break
-            except OSError as err:  # a cache is an optimisation: never fail a run over it
-                log.warning("Could not cache tokens at %s (%s)", path, _one_line(err))
+        write_token_cache(data_folder, cache_name, key, tokens)
     for array in tokens.values():
         array.flags.writeable = False
     return TokenDataset(train=tokens["train"], val=tokens["val"], test=tokens["test"], vocab=vocab)

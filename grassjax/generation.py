@@ -1,18 +1,9 @@
-"""Streaming generation: prefill the prompt once, then one token per step from cached state.
+"""Generation: sampling by full recomputation, and streaming (prefill once, then one token per step from caches).
 
-Attention layers keep a key/value cache that grows with the context
-(B, max_len, H, D per layer, for K and V). Grassmann layers keep only the last
-max(offsets) reduced states (B, max(offsets), r per layer), so their memory
-and per-token cost do not depend on the context length.
-
-`generate_streaming` gives the same tokens as `grassjax.sampling.generate`
-(full recomputation) for the same key: the same key schedule and the same
-`sample_logits`. Logits may differ in the last ulp between the two paths;
-the sampled ids do not. Learned position embeddings cap the text at
-model.cfg.block_size tokens.
-
-Caches are plain pytrees (a list with one dict per block), so the whole loop
-is one jitted `lax.scan` with no Python loop per token.
+Both draw the same tokens for the same key (same key schedule, same `sample_logits`); their logits may differ
+in the last ulp. Attention caches grow with the context (K and V per position); Grassmann, sliding-window and
+conv layers keep a fixed-size window. Each is one jitted loop (`lax.fori_loop`, `lax.scan`), no Python loop
+per token. Learned position embeddings cap streaming at model.cfg.block_size tokens.
 """
 
 from __future__ import annotations
@@ -23,15 +14,59 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from grassjax import sampling
 from grassjax.nn.model import BigramLanguageModel, LanguageModel
 
 
-def _logits(model: LanguageModel, x: jax.Array) -> jax.Array:
-    """Final norm and head, as in LanguageModel.__call__: (..., C) -> (..., V) float32."""
-    x = model.final_norm(x)
-    logits = model.tok_embed.attend(x) if model.head is None else model.head(x)
-    return logits.astype(jnp.float32)
+def sample_logits(logits: jax.Array, key: jax.Array, *, temperature: float, top_k: int | None) -> jax.Array:
+    """Draw one token id from (..., V) logits; temperature 0 means argmax."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1)
+    logits = logits / temperature
+    if top_k is not None and 0 < top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "block_size", "max_new_tokens", "temperature", "top_k"))
+def _generate(graphdef, params, prompt, key, *, block_size, max_new_tokens, temperature, top_k):
+    model = nnx.merge(graphdef, params)
+    B, P = prompt.shape
+    length = P + max_new_tokens
+    buf = jnp.zeros((B, max(length, block_size)), prompt.dtype).at[:, :P].set(prompt)
+
+    def body(pos, carry):
+        buf, key = carry
+        start = jnp.maximum(pos - block_size, 0)
+        window = jax.lax.dynamic_slice_in_dim(buf, start, block_size, axis=1)  # (B, block_size)
+        logits = model(window)  # (B, block_size, V)
+        last = jax.lax.dynamic_index_in_dim(logits, pos - 1 - start, axis=1, keepdims=False)  # (B, V)
+        key, sub = jax.random.split(key)
+        token = sample_logits(last, sub, temperature=temperature, top_k=top_k).astype(buf.dtype)
+        return buf.at[:, pos].set(token), key
+
+    buf, _ = jax.lax.fori_loop(P, length, body, (buf, key))
+    return buf[:, :length]
+
+
+def generate(model: nnx.Module, prompt: jax.Array, key: jax.Array, *, max_new_tokens: int,
+             temperature: float = 1.0, top_k: int | None = None, block_size: int | None = None) -> jax.Array:
+    """Extend `prompt` (B, P) int32 by max_new_tokens, recomputing the model over the last block_size tokens
+    for each one; returns (B, P + max_new_tokens).
+
+    The window is always block_size long: while the text is shorter, the logits are read at position len-1 of
+    a left-aligned window (causality keeps the unused tail from affecting them).
+    """
+    if prompt.ndim != 2 or prompt.shape[1] < 1:
+        raise ValueError(f"prompt must be (batch, length >= 1) token ids, got shape {prompt.shape}")
+    graphdef, params = nnx.split(model)
+    block_size = block_size or model.cfg.block_size
+    return _generate(graphdef, params, prompt, key, block_size=block_size, max_new_tokens=max_new_tokens,
+                     temperature=float(temperature), top_k=top_k)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Streaming
 
 
 def init_caches(model: LanguageModel, batch: int, max_len: int) -> list[dict]:
@@ -41,24 +76,14 @@ def init_caches(model: LanguageModel, batch: int, max_len: int) -> list[dict]:
 
 def prefill(model: LanguageModel, prompt: jax.Array, max_len: int) -> tuple[jax.Array, list[dict]]:
     """One forward pass over prompt (B, P): (logits at position P-1 (B, V), caches with room for max_len)."""
-    B, P = prompt.shape
-    x = model.tok_embed(prompt) + model.pos_embed(jnp.arange(P))  # (B, P, C)
-    caches = []
-    for block in model.blocks:
-        x, cache = block.prefill(x, max_len)
-        caches.append(cache)
-    return _logits(model, x[:, -1]), caches
+    x, caches, _ = model.hidden(prompt, init_caches(model, prompt.shape[0], max_len))
+    return model.logits(x[:, -1]), caches
 
 
 def decode_step(model: LanguageModel, token: jax.Array, caches: list[dict]) -> tuple[jax.Array, list[dict]]:
     """Feed token (B,) at position caches[0]["pos"]: (next-token logits (B, V), updated caches)."""
-    pos = caches[0]["pos"]
-    x = model.tok_embed(token) + model.pos_embed(pos)  # (B, C)
-    new_caches = []
-    for block, cache in zip(model.blocks, caches):
-        x, cache = block.decode(x, cache)
-        new_caches.append(cache)
-    return _logits(model, x), new_caches
+    x, caches, _ = model.hidden(token, caches)
+    return model.logits(x), caches
 
 
 def teacher_forced_logits(model: LanguageModel, tokens: jax.Array, prompt_len: int) -> tuple[jax.Array, list[dict]]:
@@ -86,10 +111,10 @@ def sample_tokens(model: LanguageModel, logits: jax.Array, caches: list[dict], k
                   temperature: float = 1.0, top_k: int | None = None) -> tuple[jax.Array, list[dict]]:
     """Sample num_tokens >= 1 tokens starting from `logits` (B, V); returns (tokens (B, num_tokens), caches).
 
-    Key schedule as in sampling.generate: before each draw, key, sub = split(key).
+    Key schedule as in generate: before each draw, key, sub = split(key).
     The last token drawn is not fed back, so caches end one position short of it.
     """
-    draw = lambda logits, key: sampling.sample_logits(logits, key, temperature=temperature, top_k=top_k)
+    draw = lambda logits, key: sample_logits(logits, key, temperature=temperature, top_k=top_k)
     key, sub = jax.random.split(key)
     first = draw(logits, sub).astype(jnp.int32)  # (B,)
 
@@ -117,14 +142,14 @@ def generate_streaming(model: nnx.Module, prompt: jax.Array, key: jax.Array, *, 
                        temperature: float = 1.0, top_k: int | None = None) -> jax.Array:
     """Extend prompt (B, P) int32 by max_new_tokens with cached state; returns (B, P + max_new_tokens).
 
-    Same tokens as sampling.generate with the same key, for P + max_new_tokens <= block_size.
+    Same tokens as generate with the same key, for P + max_new_tokens <= block_size.
     """
     if prompt.ndim != 2 or prompt.shape[1] < 1:
         raise ValueError(f"prompt must be (batch, length >= 1) token ids, got shape {prompt.shape}")
     if max_new_tokens < 1:
         return prompt
     if isinstance(model, BigramLanguageModel):  # no state beyond the last token: recomputation is already O(1)
-        return sampling.generate(model, prompt, key, max_new_tokens=max_new_tokens, temperature=temperature,
+        return generate(model, prompt, key, max_new_tokens=max_new_tokens, temperature=temperature,
                                  top_k=top_k)
     total = prompt.shape[1] + max_new_tokens
     if total > model.cfg.block_size:

@@ -1,0 +1,71 @@
+"""What the training loop measures at each evaluation: losses on fixed batches, a text sample, statistics."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from grassjax import data, generation
+from grassjax.train.parallel import replicate_host_array
+from grassjax.train.probe import flatten_scalars, histograms, make_probe, map_figures
+from grassjax.train.step import loss_report, make_eval_step
+
+
+class Evaluator:
+    """Built once per run; `evaluate(params, step, logger)` logs and returns (metrics, sample)."""
+
+    def __init__(self, config, graphdef, model_cfg, dataset, *, microbatch: int, mesh):
+        tc, self.stats = config.train, config.stats
+        self.tc, self.graphdef, self.model_cfg, self.vocab = tc, graphdef, model_cfg, dataset.vocab
+        self.eval_loss = make_eval_step(graphdef)
+        sets = {split: data.eval_batches(tokens, batch_size=microbatch, block_size=config.data.block_size,
+                                         num_batches=tc.eval_batches, seed=tc.seed)
+                for split, tokens in (("train", dataset.train), ("val", dataset.val))}
+        self.arrays = {split: tuple(replicate_host_array(a, mesh) for a in xy) for split, xy in sets.items()}
+        prompt_ids = dataset.vocab.encode(tc.sample_prompt)
+        if len(prompt_ids) == 0:  # e.g. "\n" under WordPiece: start from the first validation token instead
+            prompt_ids = dataset.val[:1]
+        self.prompt = jnp.asarray(prompt_ids, jnp.int32)[None]
+        enabled = self.stats.enabled and model_cfg.kind == "lm"
+        self.probe = make_probe(graphdef, model_cfg, hist_bins=self.stats.hist_bins) if enabled else None
+        self.probe_tokens = replicate_host_array(sets["val"][0][0][: self.stats.probe_batch], mesh)  # fixed text
+
+    def losses(self, params) -> dict[str, float]:
+        metrics = {}
+        for split, (xs, ys) in self.arrays.items():
+            metrics.update(loss_report(float(self.eval_loss(params, xs, ys)), split if split == "val" else "eval_train"))
+        return metrics
+
+    def sample(self, params, step: int) -> str:
+        key = jax.random.fold_in(jax.random.key(self.tc.seed + 1), step)
+        tokens = generation.generate(nnx.merge(self.graphdef, params), self.prompt, key,
+                                     max_new_tokens=self.tc.sample_tokens, temperature=self.tc.temperature,
+                                     top_k=self.tc.top_k or None)
+        return self.vocab.decode(np.asarray(tokens[0]))
+
+    def statistics(self, params, step: int, logger) -> dict[str, float]:
+        """Run the probe on the fixed validation text; log scalars, histograms and (optionally) images."""
+        sc = self.stats
+        scalars, maps = self.probe(params, self.probe_tokens)
+        flat = flatten_scalars(scalars, self.model_cfg)
+        logger.log(flat, step=step)
+        logger.log_histograms({k: (v, sc.hist_bins) for k, v in histograms(scalars).items()}, step=step)
+        if sc.images:
+            figures = map_figures(maps, self.model_cfg, layers=tuple(sc.image_layers))
+            logger.log_images(figures, step=step)
+            import matplotlib.pyplot as plt
+
+            for fig in figures.values():
+                plt.close(fig)
+        return flat
+
+    def evaluate(self, params, step: int, logger) -> tuple[dict[str, float], str]:
+        metrics = self.losses(params)
+        sample = self.sample(params, step)
+        logger.log(metrics, step=step)
+        if self.probe is not None:
+            metrics.update(self.statistics(params, step, logger))
+        logger.log_table("samples", ["step", "text"], [[step, sample]], step=step)
+        return metrics, sample
