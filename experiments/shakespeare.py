@@ -83,6 +83,7 @@ def compare_shakespeare():
     cfg.compare = ml_collections.ConfigDict(dict(
         arms=("grassmann", "transformer"),
         seeds=3,
+        finalists=(),  # arms run at every seed; the others only at the first (empty: all arms)
         paper_variant=False,
         baseline="transformer",  # the gap column is relative to this arm
         ngram_contexts=(1, 3, 5),  # Kneser-Ney reference rows / plot lines: 2-, 4- and 6-gram (seconds)

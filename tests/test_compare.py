@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
 from grassjax import wandb_offline
@@ -41,10 +42,15 @@ def test_tiny_comparison_writes_report_plots_and_wandb_statistics(tmp_path, text
     assert any(k.startswith("comparison") for k in report_history)
 
 
-def test_paper_variant_adds_a_third_arm(tmp_path, text_data_dir):
-    result = run("compare_shakespeare", tmp_path / "cmp", text_data_dir, compare__seeds=1,
-                 compare__paper_variant=True, train__steps=4, train__eval_every=4, stats__enabled=False)
-    assert [r["arm"] for r in result["rows"]] == ["grassmann", "transformer", "grassmann_paper"]
+def test_paper_variant_adds_a_third_arm_and_only_finalists_get_every_seed(tmp_path, text_data_dir):
+    result = run("compare_shakespeare", tmp_path / "cmp", text_data_dir, compare__seeds=2,
+                 compare__finalists=("transformer",), compare__paper_variant=True,
+                 train__steps=4, train__eval_every=4, stats__enabled=False)
+    assert [(r["arm"], r["seeds"]) for r in result["rows"]] == [("grassmann", 1), ("transformer", 2),
+                                                                ("grassmann_paper", 1)]
+    assert not (tmp_path / "cmp" / "grassmann" / "seed1").exists()
+    with pytest.raises(ValueError, match="compare.finalists"):
+        run("compare_shakespeare", tmp_path / "cmp2", text_data_dir, compare__finalists=("conv",))
 
 
 def _small_state(mixer):
@@ -88,7 +94,6 @@ def test_disabled_statistics_are_never_built(tmp_path, text_data_dir, monkeypatc
 
 
 def test_arm_config_applies_model_and_train_changes_and_rejects_unknown_keys():
-    import pytest
     from experiments.shakespeare import ablate_shakespeare
     from grassjax.train.compare import arm_config
 

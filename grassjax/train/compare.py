@@ -252,12 +252,16 @@ def run_comparison(config, *, workdir, exp_name: str, data_dir: str | None = Non
     unknown = [a for a in arms if a not in config.arms]
     if unknown:
         raise ValueError(f"unknown arm(s) {unknown}; defined arms: {sorted(config.arms.keys())}")
+    # Screen, then confirm: arms not among compare.finalists (empty = all) run at the first seed only.
+    finalists = list(config.compare.get("finalists", ())) or arms
+    if set(finalists) - set(arms):
+        raise ValueError(f"compare.finalists {sorted(set(finalists) - set(arms))} are not among compare.arms {arms}")
     seeds = [config.train.seed + i for i in range(config.compare.seeds)]
     group = config.wandb.group or exp_name
     results: dict[str, list[TrainResult]] = {}
     evals: dict[str, list[dict]] = {}
     for seed in seeds:  # seed-major: an interrupted comparison still has every arm at the first seeds
-        for arm in arms:
+        for arm in arms if seed == seeds[0] else [a for a in arms if a in finalists]:
             print_fn(f"== {exp_name}: arm {arm}, seed {seed} ==")
             cfg = arm_config(config, arm, seed, group)
             run_dir = workdir / arm / f"seed{seed}"
