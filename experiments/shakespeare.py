@@ -112,7 +112,16 @@ ABLATION_ARMS = {
     # parameters against 813,504 (Grassmann) and 809,856 (Transformer), 2.9 GFLOP/step against 3.8 / 4.1.
     "conv": {"mixer": "conv"},
     "transformer": {"mixer": "attention"},
+    # Each finalist at its own learning rate (min_lr = lr / 10, as in the recipe), from tune_shakespeare with
+    # --config.tune.first_lrs=2e-3,4e-3,8e-3[,1.6e-2] on 2026-11-26, seed 0, best sampled val loss:
+    # Transformer 1.7879 / 1.7569 / 1.7707 (best 4e-3); partner_mix 1.8462 / 1.8155 / 1.7803 / pruned at
+    # step 500 (best 8e-3). At nanoGPT's 1e-3 they were 1.8714 and 1.9216.
+    "partner_mix_tuned": {"mixer": "grassmann", "grassmann_partner_mix": "per_offset",
+                          "train": {"learning_rate": 8e-3, "min_lr": 8e-4}},
+    "transformer_tuned": {"mixer": "attention", "train": {"learning_rate": 4e-3, "min_lr": 4e-4}},
 }
+# Confirmed at every seed; the other arms are screened at the first seed only.
+ABLATION_FINALISTS = ("grassmann", "offsets_1", "transformer", "partner_mix_tuned", "transformer_tuned")
 
 
 def ablate_shakespeare():
@@ -126,6 +135,7 @@ def ablate_shakespeare():
     cfg = compare_shakespeare()
     cfg.arms = ml_collections.ConfigDict(ABLATION_ARMS)
     cfg.compare.arms = tuple(ABLATION_ARMS)
+    cfg.compare.finalists = ABLATION_FINALISTS
     cfg.compare.waterfall_reference = "grassmann"
     cfg.wandb.tags = tuple(cfg.wandb.tags) + ("ablation",)
     return cfg
