@@ -213,6 +213,17 @@ def _check_model(where: str, model: dict, block_size: int) -> None:
                               f"data.block_size={block_size}, else it never sees a token")
 
 
+def _check_train(where: str, train: dict) -> None:
+    """The ranges and cross-key rules of one train section (or an arm's version of it)."""
+    for key, allowed in RANGES.items():
+        value = train.get(key.removeprefix("train.")) if key.startswith("train.") else None
+        if value is not None and not isinstance(value, bool) and not allowed.contains(value):
+            raise ConfigError(f"--config.{where}.{key.removeprefix('train.')}={value} is out of range; allowed: {allowed}")
+    if train["min_lr"] > train["learning_rate"]:
+        raise ConfigError(f"--config.{where}.min_lr={train['min_lr']} must be <= "
+                          f"{where}.learning_rate={train['learning_rate']}")
+
+
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """Fail early, with the key to fix and its allowed range, on values no run could use."""
     for key, allowed in RANGES.items():
@@ -221,9 +232,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
             continue
         if not allowed.contains(value):
             raise ConfigError(f"--config.{key}={value} is out of range; allowed: {allowed}")
-    if cfg.train.min_lr > cfg.train.learning_rate:
-        raise ConfigError(f"--config.train.min_lr={cfg.train.min_lr} must be <= "
-                          f"train.learning_rate={cfg.train.learning_rate}")
+    _check_train("train", cfg.train.to_dict())
     if cfg.data.dataset not in ("tinyshakespeare", "wikitext2"):
         raise ConfigError(f"--config.data.dataset must be tinyshakespeare or wikitext2, got {cfg.data.dataset!r}")
     variants = {"model": {}}
@@ -235,7 +244,14 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         unknown = [name for name in selected if name not in cfg.arms]
         if unknown:
             raise ConfigError(f"--config.compare.arms: unknown arm(s) {unknown}; defined: {', '.join(cfg.arms.keys())}")
-        variants.update({f"arms.{name}": cfg.arms[name].to_dict() for name in selected})
+        for name in selected:  # an arm may also change training settings (say, its tuned learning rate)
+            changes = cfg.arms[name].to_dict()
+            train_changes = changes.pop("train", {})
+            unknown = sorted(set(train_changes) - set(cfg.train.keys()))
+            if unknown:
+                raise ConfigError(f"--config.arms.{name}.train: unknown key(s) {unknown}; valid: {sorted(cfg.train.keys())}")
+            _check_train(f"arms.{name}.train", {**cfg.train.to_dict(), **train_changes})
+            variants[f"arms.{name}"] = changes
     for where, changes in variants.items():
         merged = {**cfg.model.to_dict(), **changes}
         try:
