@@ -45,6 +45,11 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                "(pip install -e .[tune])", shakespeare.tune_shakespeare, runner="tune"),
     Experiment("compare_shakespeare_gpu", "compare_shakespeare at the GPU recipe",
                shakespeare.compare_shakespeare_gpu, runner="compare"),
+    Experiment("longctx_shakespeare", "Transformer vs the best Grassmann arm at blocks 256/512/1024, matched by "
+               "training time, 3 seeds (~1 h on 2 cores): who is ahead from which context length",
+               shakespeare.longctx_shakespeare, runner="compare"),
+    Experiment("longctx_shakespeare_gpu", "longctx_shakespeare at the GPU model, blocks 256-2048, 300 s per run",
+               shakespeare.longctx_shakespeare_gpu, runner="compare"),
     Experiment("benchmark_scaling", "step time, tokens/s, memory of each mixer and LM vs sequence length",
                benchmarks.benchmark_scaling, runner="benchmark_scaling"),
     Experiment("benchmark_scaling_gpu", "benchmark_scaling in bfloat16 at GPU sizes",

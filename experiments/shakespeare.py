@@ -11,7 +11,7 @@ block 256, batch 64, 5000 steps, dropout 0.2.
 
 import ml_collections
 
-from grassjax.train.config import default_config
+from grassjax.train.config import compare_section, default_config
 
 
 def _cpu(mixer: str):
@@ -80,14 +80,9 @@ def compare_shakespeare():
         "transformer": {"mixer": "attention"},
         "grassmann_paper": {"mixer": "grassmann", "norm": "post"},
     })
-    cfg.compare = ml_collections.ConfigDict(dict(
-        arms=("grassmann", "transformer"),
-        seeds=3,
-        finalists=(),  # arms run at every seed; the others only at the first (empty: all arms)
-        paper_variant=False,
-        baseline="transformer",  # the gap column is relative to this arm
-        ngram_contexts=(1, 3, 5),  # Kneser-Ney reference rows / plot lines: 2-, 4- and 6-gram (seconds)
-    ))
+    # Kneser-Ney reference rows / plot lines: 2-, 4- and 6-gram (seconds). Matched by parameters (the arms are
+    # size-matched, same steps); --config.compare.match=time or tokens changes that (grassjax.train.matching).
+    cfg.compare = compare_section(arms=("grassmann", "transformer"), seeds=3, ngram_contexts=(1, 3, 5))
     return cfg
 
 
@@ -134,9 +129,7 @@ def ablate_shakespeare():
     """
     cfg = compare_shakespeare()
     cfg.arms = ml_collections.ConfigDict(ABLATION_ARMS)
-    cfg.compare.arms = tuple(ABLATION_ARMS)
-    cfg.compare.finalists = ABLATION_FINALISTS
-    cfg.compare.waterfall_reference = "grassmann"
+    cfg.compare.update(arms=tuple(ABLATION_ARMS), finalists=ABLATION_FINALISTS, waterfall_reference="grassmann")
     cfg.wandb.tags = tuple(cfg.wandb.tags) + ("ablation",)
     return cfg
 
@@ -165,4 +158,53 @@ def compare_shakespeare_gpu():
     cfg = compare_shakespeare()
     gpu = _gpu("grassmann")
     cfg.model, cfg.data, cfg.train = gpu.model, gpu.data, gpu.train
+    return cfg
+
+
+# The Grassmann arm of the long-context study: the best so far (ablate_shakespeare, issue 10, still being tuned),
+# the order-keeping variant with the paper's offsets. Change it here, e.g. a tuned learning rate with
+# "train": {"learning_rate": 2e-3}, or other model fields.
+LONGCTX_GRASSMANN = {"mixer": "grassmann", "grassmann_partner_mix": "per_offset", "offsets": (1, 2, 4, 8, 12, 16)}
+# Its settings at one block size only, keyed by the block as a string, e.g. offsets that grow with the block:
+# {"1024": {"offsets": (1, 2, 4, 8, 16, 32)}}. Empty: the ablation found far offsets hurt under the paper's
+# mean, so the same offsets are used at every block until a run says otherwise.
+LONGCTX_GRASSMANN_PER_BLOCK: dict[str, dict] = {}
+
+
+def longctx_shakespeare():
+    """Where attention-free wins: the Transformer and LONGCTX_GRASSMANN at blocks 256, 512 and 1024, matched by time.
+
+    Every run trains for compare.time_budget_s = 120 s of training time (the steps and their batches; not
+    compilation, logging or evaluation) at 3,072 tokens per step (batch 12 x 256, 6 x 512, 3 x 1024), its step count
+    fixed from a timed warm-up so the cosine schedule spans the budget (grassjax.train.matching). 3 blocks x
+    2 arms x 3 seeds = 18 runs: 36 min of training plus, per run, compilation, 8 evaluations on 10 batches,
+    a 100-character sample at each, the whole-split evaluation and W&B, and 6 timing warm-ups: about an hour
+    on the 2-core CPU (an estimate from the budget, not a timed run; the report states each run's train
+    seconds). The report: val loss against training seconds per block, a table per block, and the smallest
+    block size at which the Grassmann arm is ahead. Screen with --config.compare.seeds=1 (about 20 minutes)
+    or --config.compare.blocks=256,1024. Statistics are off (--config.stats.enabled=True adds them).
+    """
+    cfg = _cpu("grassmann")
+    cfg.data.block_size = 256  # the base; every run takes its arm's block from compare.blocks
+    cfg.train.update(warmup_steps=20, eval_batches=10, checkpoint_every=100, sample_tokens=100)
+    cfg.stats.enabled = False
+    cfg.arms = ml_collections.ConfigDict({
+        "grassmann": {**LONGCTX_GRASSMANN, "per_block": LONGCTX_GRASSMANN_PER_BLOCK},
+        "transformer": {"mixer": "attention"},
+    })
+    cfg.compare = compare_section(arms=("grassmann", "transformer"), seeds=3, match="time", time_budget_s=120.0,
+                                  blocks=(256, 512, 1024), tokens_per_step=3072, evals_per_run=8)
+    cfg.wandb.tags = tuple(cfg.wandb.tags) + ("longctx",)
+    return cfg
+
+
+def longctx_shakespeare_gpu():
+    """longctx_shakespeare at nanoGPT's GPU model (6 layers, d = 384, 6 heads, r = 32, dropout 0.2), blocks 256 to
+    2048 at 16,384 tokens per step (batch 64 x 256 ... 8 x 2048), 300 s of training per run: 4 blocks x 2 arms
+    x 3 seeds = 24 runs, 2 hours of training plus overheads (an estimate, not a timed run)."""
+    cfg = longctx_shakespeare()
+    gpu = _gpu("grassmann")
+    cfg.model = gpu.model
+    cfg.train.update(batch_size=64, warmup_steps=100, eval_batches=40, checkpoint_every=500, sample_tokens=200)
+    cfg.compare.update(blocks=(256, 512, 1024, 2048), tokens_per_step=16384, time_budget_s=300.0)
     return cfg

@@ -21,7 +21,7 @@ tokens covers the ~250k validation tokens about twice), not one contiguous pass.
 
 import ml_collections
 
-from grassjax.train.config import default_config
+from grassjax.train.config import compare_section, default_config
 
 SCHEDULE_12 = (1, 1, 2, 2, 4, 4, 8, 8, 12, 12, 16, 16)
 
@@ -64,6 +64,5 @@ def compare_wikitext2():
         "transformer": {"mixer": "attention"},
         "grassmann_paper": {"mixer": "grassmann", "norm": "post"},
     })
-    cfg.compare = ml_collections.ConfigDict(dict(arms=("grassmann", "transformer"), seeds=1, paper_variant=False,
-                                                 baseline="transformer", ngram_contexts=(1, 2)))
+    cfg.compare = compare_section(arms=("grassmann", "transformer"), seeds=1, ngram_contexts=(1, 2))
     return cfg

@@ -43,7 +43,7 @@ def test_cli_end_to_end_offline_logs_everywhere(tmp_path, text_data_dir):
     records = read_metrics_jsonl(workdir / "metrics.jsonl")
     keys = set().union(*records)
     expected = {"train/loss", "train/lr", "train/grad_norm", "train/update_norm", "perf/tokens_per_s",
-                "perf/step_time_ms", "val/loss", "val/ppl", "val/bpc", "eval_train/loss",
+                "perf/step_time_ms", "perf/elapsed_s", "val/loss", "val/ppl", "val/bpc", "eval_train/loss",
                 "grassmann/gate_mean/L0", "grassmann/plucker_norm_mean/L0", "grassmann/offset_share/L0/d4",
                 "grassmann/zero_g_fraction/L0"}
     assert expected <= keys, expected - keys
@@ -60,6 +60,13 @@ def test_cli_end_to_end_offline_logs_everywhere(tmp_path, text_data_dir):
     assert expected <= logged, expected - logged
     by_step = {int(h["step"]): h for h in history if "val/loss" in h}
     assert by_step[20]["val/loss"] == pytest.approx(val[-1], rel=1e-6)
+    # Training seconds: in every train and eval row of both copies, never decreasing; val plots against step here.
+    elapsed = [r["perf/elapsed_s"] for r in records if "perf/elapsed_s" in r]
+    assert len(elapsed) == 10 + 2 and elapsed == sorted(elapsed) and elapsed[0] > 0
+    assert elapsed == [h["perf/elapsed_s"] for h in history if "perf/elapsed_s" in h]
+    axes = {(r.metric.glob_name or r.metric.name): r.metric.step_metric for r in
+            wandb_offline.iter_records(wandb_offline.find_run_file(workdir)) if r.WhichOneof("record_type") == "metric"}
+    assert axes["val/loss"] == axes["*"] == "step" and "val/*" not in axes
     assert any(k.startswith("grassmann/gate_map") for k in logged)  # images reached W&B too
 
 

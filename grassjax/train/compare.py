@@ -2,8 +2,10 @@
 
 Every arm shares the config's data, train, stats and wandb sections (same
 budget, same data stream and seeds); an arm changes only the model fields
-listed under `arms.<name>`. All runs share one W&B group, so the dashboard
-overlays them.
+listed under `arms.<name>`, and the train or data settings under its `train` and
+`data` keys. compare.match decides how long each arm trains (grassjax.train.matching);
+compare.blocks runs every arm at several block sizes, reported by grassjax.train.longctx.
+All runs share one W&B group, so the dashboard overlays them.
 """
 
 from __future__ import annotations
@@ -19,32 +21,25 @@ import numpy as np
 
 from grassjax.baselines.runner import fit_ngram_lines
 from grassjax.trained import evaluate_run
+from grassjax.train.config import ArmSpec, apply_arm, comparison_arms
 from grassjax.train.loop import TrainResult, train
+from grassjax.train.matching import apply_plan, plan_steps
 from grassjax.train.run_logger import RunLogger
 
 
-def arm_config(config, arm: str, seed: int, group: str) -> ml_collections.ConfigDict:
-    """The single-run config of one arm and seed."""
-    cfg = ml_collections.ConfigDict(config.to_dict())
-    for key, value in config.arms[arm].items():
-        if key == "train":  # per-arm training settings, e.g. a tuned learning rate
-            for train_key, train_value in value.items():
-                if train_key not in cfg.train:
-                    raise ValueError(f"arms.{arm}.train.{train_key}: not a train setting; "
-                                     f"valid: {sorted(cfg.train.keys())}")
-                cfg.train[train_key] = train_value
-        elif key not in cfg.model:
-            raise ValueError(f"arms.{arm}.{key}: not a model setting (or 'train'); valid: {sorted(cfg.model.keys())}")
-        else:
-            cfg.model[key] = value
+def arm_config(config, arm: str, seed: int, group: str, spec: ArmSpec | None = None) -> ml_collections.ConfigDict:
+    """The single-run config of one arm and seed (`spec`: the arm at one of compare.blocks)."""
+    spec = spec or ArmSpec(arm, arm, None, {k: v for k, v in config.arms[arm].to_dict().items() if k != "per_block"})
+    cfg = apply_arm(config, spec.arm, spec.changes)
     del cfg.arms, cfg.compare
     cfg.train.seed = seed
     cfg.wandb.group = group
-    cfg.wandb.tags = tuple(cfg.wandb.tags) + (f"arm:{arm}",)
+    cfg.wandb.tags = tuple(cfg.wandb.tags) + (f"arm:{spec.name}",) + ((f"block:{spec.block}",) if spec.block else ())
     return cfg
 
 
-def _mean_std(values):
+def mean_std(values) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
     values = np.asarray(values, np.float64)
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
@@ -57,8 +52,8 @@ def summarise(results: dict[str, list[TrainResult]], evals: dict[str, list[dict]
     """
     rows = []
     for arm, runs in results.items():
-        loss_mean, loss_std = _mean_std([r.best_val_loss for r in runs])
-        full_mean, full_std = _mean_std([e["loss"] for e in evals[arm]])
+        loss_mean, loss_std = mean_std([r.best_val_loss for r in runs])
+        full_mean, full_std = mean_std([e["loss"] for e in evals[arm]])
         rows.append(dict(
             arm=arm, seeds=len(runs), params=runs[0].params["total"],
             val_loss=full_mean, val_loss_std=full_std, val_tokens=evals[arm][0]["tokens_scored"],
@@ -69,6 +64,9 @@ def summarise(results: dict[str, list[TrainResult]], evals: dict[str, list[dict]
             step_memory_mb=_scaled(runs[0].step_memory_bytes, 2**20),  # nan where XLA gives no number
             gflops_per_step=_scaled(runs[0].step_flops, 1e9),
             wall_time_s=float(np.mean([r.wall_time_s for r in runs])),
+            steps=float(np.mean([r.final_step for r in runs])),
+            tokens=float(np.mean([r.final_step * r.tokens_per_step for r in runs])),
+            train_time_s=float(np.mean([r.train_time_s for r in runs])),  # perf/elapsed_s at the end
         ))
     return rows
 
@@ -133,38 +131,41 @@ def waterfall_markdown(steps: list[dict], *, reference: str, baseline: str) -> s
 
 def report_markdown(rows: list[dict], samples: dict[str, str], *, exp_name: str, steps: int, baseline: str,
                     ngram_rows: Sequence[dict] = (), waterfall_steps: Sequence[dict] = (),
-                    waterfall_reference: str = "") -> str:
+                    waterfall_reference: str = "", budget: str = "") -> str:
     """The report: one table row per arm, then one per n-gram reference model (no training columns),
-    then the waterfall when one was computed."""
+    then the waterfall when one was computed. `budget` says how the arms were matched (default: `steps`
+    steps per run)."""
     base = next(r for r in rows if r["arm"] == baseline)
     rows = add_gaps(rows, baseline)
     lines = [f"# {exp_name}: {', '.join(r['arm'] for r in rows)}", "",
-             f"{steps} steps per run; mean ± std over seeds. Val loss and bits/char: the final model over the "
+             f"{budget or f'{steps} steps per run'}; mean ± std over seeds. Val loss and bits/char: the final model over the "
              f"whole validation split ({base['val_tokens']:,} tokens, non-overlapping windows; "
              "`launch.py --mode=evaluate`); best (sampled) is the best of the evaluations on sampled windows "
              f"during training, as in the curves. Gaps are in val loss to `{baseline}` (positive = worse than it): "
              "Δ loss in nats/token, the perplexity ratio e^Δ, and the relative difference.", "",
              "| arm | params | val loss (whole split) | Δ loss | ppl ratio | gap | bits/char | best val loss (sampled) "
-             "| tokens/s | step (ms) | step memory (MiB) | GFLOP/step | wall (s) | seeds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| tokens/s | step (ms) | step memory (MiB) | GFLOP/step | steps | train (s) | wall (s) | seeds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['arm']} | {r['params']:,} | {r['val_loss']:.4f} ± {r['val_loss_std']:.4f} | "
             f"{r['delta_loss']:+.4f} | {r['ppl_ratio']:.3f} | {r['gap_pct']:+.2f}% | {r['bpc']:.3f} ± {r['bpc_std']:.3f} | "
             f"{r['best_val_loss']:.4f} ± {r['best_val_loss_std']:.4f} | {r['tokens_per_s']:,.0f} | "
             f"{r['step_time_ms']:.1f} | {r['step_memory_mb']:.1f} | {r['gflops_per_step']:.2f} | "
-            f"{r['wall_time_s']:.0f} | {r['seeds']} |")
+            f"{r['steps']:.0f} | {r['train_time_s']:.1f} | {r['wall_time_s']:.0f} | {r['seeds']} |")
     for r in ngram_rows:  # count-based references: same split, no parameters trained
         delta = r["val_loss"] - base["val_loss"]
         gap = 100 * (r["val_loss"] / base["val_loss"] - 1)
         lines.append(f"| {r['name']} | — | {r['val_loss']:.4f} | {delta:+.4f} | {math.exp(delta):.3f} | {gap:+.2f}% | "
-                     f"{r['val_bpc']:.3f} | — | — | — | — | — | {r['fit_s'] + r['score_s']:.1f} | — |")
+                     f"{r['val_bpc']:.3f} | — | — | — | — | — | — | — | {r['fit_s'] + r['score_s']:.1f} | — |")
     if ngram_rows:
         lines += ["", "n-gram rows: interpolated Kneser–Ney fitted on the training split and scored on every "
                   "validation token with up to its context length before it (grassjax.baselines); drawn as dashed "
                   "lines on the val-loss plot."]
     lines += ["", "Step memory and GFLOP/step are XLA's own analysis of the compiled train step; "
-              "tokens/s and step time are medians over logging windows, compilation excluded.", ""]
+              "tokens/s and step time are medians over logging windows, compilation excluded; train (s) is "
+              "perf/elapsed_s at the end (the steps and their batches: no compilation, logging, evaluation or "
+              "checkpoints), wall (s) the run's whole loop.", ""]
     if waterfall_steps:
         lines += [waterfall_markdown(list(waterfall_steps), reference=waterfall_reference, baseline=baseline), ""]
     for arm, text in samples.items():
@@ -244,38 +245,60 @@ def plot_report(results: dict[str, list[TrainResult]], out: pathlib.Path,
     return paths
 
 
+def budget_note(config, plans: dict[str, dict]) -> str:
+    """One phrase for the report: how the arms were matched."""
+    match = config.compare.get("match", "params")
+    steps = ", ".join(f"{arm} {plan['steps']:,}" for arm, plan in plans.items())
+    if match == "time":
+        return (f"Matched by training time: {config.compare.time_budget_s:g} s per run (perf/elapsed_s: the steps "
+                f"and their batches; no compilation, logging or evaluation), one arm after the other on this machine, each "
+                f"arm's step count fixed from a timed warm-up (`<arm>/steps.json`) so its cosine schedule spans the "
+                f"budget; steps: {steps}")
+    if match == "tokens":
+        return f"Matched by training tokens: {next(iter(plans.values()))['tokens_budget']:,} per run; steps: {steps}"
+    return f"{config.train.steps} steps per run" if len({p["steps"] for p in plans.values()}) == 1 \
+        else f"Matched by parameters; steps: {steps}"
+
+
 def run_comparison(config, *, workdir, exp_name: str, data_dir: str | None = None, wandb_mode: str | None = None,
                    print_fn: Callable[[str], None] = print) -> dict:
     """Train every arm for every seed, then write <workdir>/report/ and log the table to W&B."""
     workdir = pathlib.Path(workdir)
-    arms = list(config.compare.arms) + (["grassmann_paper"] if config.compare.paper_variant else [])
-    unknown = [a for a in arms if a not in config.arms]
-    if unknown:
-        raise ValueError(f"unknown arm(s) {unknown}; defined arms: {sorted(config.arms.keys())}")
-    # Screen, then confirm: arms not among compare.finalists (empty = all) run at the first seed only.
-    finalists = list(config.compare.get("finalists", ())) or arms
-    if set(finalists) - set(arms):
-        raise ValueError(f"compare.finalists {sorted(set(finalists) - set(arms))} are not among compare.arms {arms}")
+    specs = comparison_arms(config)
     seeds = [config.train.seed + i for i in range(config.compare.seeds)]
     group = config.wandb.group or exp_name
+    plans = plan_steps(config, {s.name: arm_config(config, s.arm, seeds[0], group, s) for s in specs}, workdir,
+                       data_dir, print_fn)
     results: dict[str, list[TrainResult]] = {}
     evals: dict[str, list[dict]] = {}
     for seed in seeds:  # seed-major: an interrupted comparison still has every arm at the first seeds
-        for arm in arms if seed == seeds[0] else [a for a in arms if a in finalists]:
-            print_fn(f"== {exp_name}: arm {arm}, seed {seed} ==")
-            cfg = arm_config(config, arm, seed, group)
-            run_dir = workdir / arm / f"seed{seed}"
-            results.setdefault(arm, []).append(
-                train(cfg, workdir=run_dir, exp_name=f"{exp_name}-{arm}", data_dir=data_dir,
+        # Screen, then confirm: arms not among compare.finalists (empty: all) run at the first seed only.
+        finalists = set(config.compare.get("finalists", ())) or {s.arm for s in specs}
+        for spec in specs if seed == seeds[0] else [s for s in specs if s.arm in finalists]:
+            print_fn(f"== {exp_name}: arm {spec.name}, seed {seed} ==")
+            cfg = apply_plan(arm_config(config, spec.arm, seed, group, spec), plans[spec.name],
+                             config.compare.get("evals_per_run", 0))
+            run_dir = workdir / spec.name / f"seed{seed}"
+            results.setdefault(spec.name, []).append(
+                train(cfg, workdir=run_dir, exp_name=f"{exp_name}-{spec.name}", data_dir=data_dir,
                       wandb_mode=wandb_mode, print_fn=print_fn))
-            evals.setdefault(arm, []).append(evaluate_run(run_dir, data_dir=data_dir, split="val",
-                                                          print_fn=lambda *_: None))
-
+            evals.setdefault(spec.name, []).append(evaluate_run(run_dir, data_dir=data_dir, split="val",
+                                                                print_fn=lambda *_: None))
     rows = summarise(results, evals)
-    # Count-based references on the same split (seconds of NumPy; none unless compare.ngram_contexts is set).
-    ngram_rows = fit_ngram_lines(config, contexts=config.compare.get("ngram_contexts", ()), data_dir=data_dir)
     report_dir = workdir / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
+    if config.compare.get("blocks"):
+        from grassjax.train.longctx import write_block_report  # it builds on this module
+
+        return write_block_report(config, specs, rows, results, plans, report_dir=report_dir, exp_name=exp_name,
+                                  group=group, wandb_mode=wandb_mode, print_fn=print_fn)
+    return _write_report(config, rows, results, plans, report_dir=report_dir, exp_name=exp_name, group=group,
+                         data_dir=data_dir, wandb_mode=wandb_mode, print_fn=print_fn)
+
+
+def _write_report(config, rows, results, plans, *, report_dir, exp_name, group, data_dir, wandb_mode, print_fn):
+    # Count-based references on the same split (seconds of NumPy; none unless compare.ngram_contexts is set).
+    ngram_rows = fit_ngram_lines(config, contexts=config.compare.get("ngram_contexts", ()), data_dir=data_dir)
     samples = {arm: runs[0].sample for arm, runs in results.items()}
     reference = config.compare.get("waterfall_reference", "")
     waterfall_steps = []
@@ -286,32 +309,34 @@ def run_comparison(config, *, workdir, exp_name: str, data_dir: str | None = Non
         waterfall_steps = waterfall(rows, reference=reference, baseline=config.compare.baseline,
                                     changes={arm: config.arms[arm].to_dict() for arm in results})
     text = report_markdown(rows, samples, exp_name=exp_name, steps=config.train.steps, baseline=config.compare.baseline,
-                           ngram_rows=ngram_rows, waterfall_steps=waterfall_steps, waterfall_reference=reference)
+                           ngram_rows=ngram_rows, waterfall_steps=waterfall_steps, waterfall_reference=reference,
+                           budget=budget_note(config, plans))
     (report_dir / "report.md").write_text(text)
     (report_dir / "summary.json").write_text(json.dumps(
         {"rows": add_gaps(rows, config.compare.baseline), "ngram_rows": ngram_rows, "waterfall": waterfall_steps,
-         "baseline": config.compare.baseline, "waterfall_reference": reference, "steps": config.train.steps},
-        indent=2))
+         "baseline": config.compare.baseline, "waterfall_reference": reference, "steps": config.train.steps,
+         "match": config.compare.get("match", "params"), "plans": plans}, indent=2))
     plots = plot_report(results, report_dir, ngram_rows)
+    tables = {"comparison": rows, "ngram": ngram_rows, "waterfall": waterfall_steps}
+    log_report(config, report_dir, tables, plots, exp_name=exp_name, group=group, wandb_mode=wandb_mode,
+               step=config.train.steps, print_fn=print_fn)
+    print_fn(text.split("\n## Sample")[0])
+    print_fn(f"report written to {report_dir / 'report.md'}")
+    return {"rows": rows, "ngram_rows": ngram_rows, "waterfall": waterfall_steps, "report_dir": str(report_dir),
+            "plans": plans}
 
-    columns = list(rows[0])
+
+def log_report(config, report_dir: pathlib.Path, tables: dict[str, list[dict]], plots: Sequence[pathlib.Path], *,
+               exp_name: str, group: str, wandb_mode: str | None, step: int, print_fn) -> None:
+    """The report's own W&B run in the comparison's group: each non-empty table, and the plots as images."""
     with RunLogger(workdir=report_dir, project=config.wandb.project, name=f"{exp_name}-report", group=group,
                    tags=list(config.wandb.tags) + ["report"], config=config.to_dict(), mode=wandb_mode,
                    job_type="report", print_fn=print_fn) as logger:
-        logger.log_table("comparison", columns, [[row[c] for c in columns] for row in rows], step=config.train.steps)
-        if ngram_rows:
-            ngram_columns = list(ngram_rows[0])
-            logger.log_table("ngram", ngram_columns, [[r[c] for c in ngram_columns] for r in ngram_rows],
-                             step=config.train.steps)
-        if waterfall_steps:
-            waterfall_columns = list(waterfall_steps[0])
-            logger.log_table("waterfall", waterfall_columns,
-                             [[w[c] for c in waterfall_columns] for w in waterfall_steps],
-                             step=config.train.steps)
-        logger.log_images({p.stem: _read_png(p) for p in plots}, step=config.train.steps)
-    print_fn(text.split("\n## Sample")[0])
-    print_fn(f"report written to {report_dir / 'report.md'}")
-    return {"rows": rows, "ngram_rows": ngram_rows, "waterfall": waterfall_steps, "report_dir": str(report_dir)}
+        for key, table in tables.items():
+            if table:
+                columns = list(table[0])
+                logger.log_table(key, columns, [[row[c] for c in columns] for row in table], step=step)
+        logger.log_images({p.stem: _read_png(p) for p in plots}, step=step)
 
 
 def _read_png(path: pathlib.Path) -> np.ndarray:

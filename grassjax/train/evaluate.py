@@ -61,8 +61,9 @@ class Evaluator:
                 plt.close(fig)
         return flat
 
-    def evaluate(self, params, step: int, logger) -> tuple[dict[str, float], str]:
-        metrics = self.losses(params)
+    def evaluate(self, params, step: int, logger, extra: dict[str, float] | None = None) -> tuple[dict[str, float], str]:
+        """The losses (with `extra`, e.g. the training clock, in the same row), a sample and the statistics."""
+        metrics = {**self.losses(params), **(extra or {})}
         sample = self.sample(params, step)
         logger.log(metrics, step=step)
         if self.probe is not None:

@@ -93,6 +93,8 @@ class TrainResult:
     params: dict[str, int]
     sample: str
     history: list[dict[str, float]]  # one dict per eval
+    train_time_s: float = math.nan  # perf/elapsed_s at the end: see TrainClock
+    tokens_per_step: int = 0  # global batch x block
 
 
 def model_config_from(config, vocab_size: int) -> ModelConfig:
@@ -144,26 +146,24 @@ def train(config, *, workdir: str | pathlib.Path, exp_name: str = "run", data_di
 
 
 @dataclasses.dataclass
-class _Run:
-    """Everything the loop needs: the resolved config, data, model, optimizer state and the step."""
+class Trainer:
+    """A run's training setup in memory: data, model, initial optimizer state, the jitted train step and the
+    batches. No workdir: `train` adds checkpoints and logs; a time-matched comparison times its steps with it."""
 
     config: Any
-    workdir: pathlib.Path
     dataset: Any
     model_cfg: ModelConfig
     graphdef: Any
     counts: dict[str, int]
-    state: TrainState
+    state: TrainState  # freshly initialised, replicated over the mesh
     schedule: Callable
-    train_step: Callable  # jitted, compiled by the loop
+    train_step: Callable  # jitted, not yet compiled
     layout: Any
     mesh: Any
-    checkpointer: Checkpointer
-    history: list[dict]  # the evals logged before start_step (a resumed run)
 
     @classmethod
-    def prepare(cls, config, workdir: pathlib.Path, data_dir: str | None, print_fn) -> "_Run":
-        tc, is_main = config.train, jax.process_index() == 0
+    def build(cls, config, data_dir: str | None) -> "Trainer":
+        tc = config.train
         mesh = make_mesh()
         layout = batch_layout(tc)  # fails early, naming the keys, if the batch does not split over the devices
         dataset = data.load_dataset(config.data, data_dir)
@@ -172,32 +172,50 @@ class _Run:
             config.train.steps = math.ceil(tc.epochs * len(dataset.train) / (layout.global_batch * config.data.block_size))
             tc = config.train
         model_cfg = model_config_from(config, dataset.vocab.size)
-        if is_main:
-            (workdir / "vocab.json").write_text(json.dumps(dataset.vocab.to_dict()))
         model = build_model(model_cfg, seed=tc.seed)
         graphdef, params = nnx.split(model, nnx.Param)
         tx, schedule = make_optimizer(tc)
-        state = TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
-        checkpointer = Checkpointer(workdir, max_to_keep=tc.keep_checkpoints)
-        has_checkpoint = checkpointer.latest_step() is not None
-        # Refuse a workdir written by another config before touching its checkpoints.
-        check_resume(workdir, config.to_dict(), has_checkpoint=has_checkpoint, write=is_main, print_fn=print_fn)
-        state = replicate(state, mesh)
-        if has_checkpoint:
-            state = checkpointer.restore_newest_good(state, print_fn)
-            print_fn(f"Resuming from step {int(state.step)} in {checkpointer.directory}")
-        # Forget what a crashed run logged past its last checkpoint; recover the evals before it.
-        history = [r for r in rewind_metrics(workdir / "metrics.jsonl", int(state.step)) if "val/loss" in r]
+        state = replicate(TrainState(params, tx.init(params), jnp.zeros((), jnp.int32)), mesh)
         train_step = make_train_step(graphdef, tx, dropout=model_cfg.dropout, seed=tc.seed,
                                      grad_accum_steps=layout.grad_accum_steps)
-        return cls(config, workdir, dataset, model_cfg, graphdef, param_counts(model), state, schedule, train_step,
-                   layout, mesh, checkpointer, history)
+        return cls(config, dataset, model_cfg, graphdef, param_counts(model), state, schedule, train_step, layout, mesh)
 
     def batch_at(self, step: int):
         """The global batch of `step`, sharded over the mesh: a pure function of (seed, step)."""
         x, y = data.sample_batch(self.dataset.train, batch_size=self.layout.global_batch,
                                  block_size=self.config.data.block_size, seed=self.config.train.seed, step=step)
         return shard_global_batch(x, self.mesh), shard_global_batch(y, self.mesh)
+
+
+@dataclasses.dataclass
+class _Run(Trainer):
+    """A Trainer in its workdir: the checkpointer, the state to start from and the evals logged before it."""
+
+    workdir: pathlib.Path = None
+    checkpointer: Checkpointer = None
+    history: list[dict] = None  # the evals logged before start_step (a resumed run)
+    elapsed_s: float = 0.0  # training seconds before start_step (perf/elapsed_s of a resumed run)
+
+    @classmethod
+    def prepare(cls, config, workdir: pathlib.Path, data_dir: str | None, print_fn) -> "_Run":
+        trainer = Trainer.build(config, data_dir)
+        config, is_main = trainer.config, jax.process_index() == 0
+        if is_main:
+            (workdir / "vocab.json").write_text(json.dumps(trainer.dataset.vocab.to_dict()))
+        checkpointer = Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
+        has_checkpoint = checkpointer.latest_step() is not None
+        # Refuse a workdir written by another config before touching its checkpoints.
+        check_resume(workdir, config.to_dict(), has_checkpoint=has_checkpoint, write=is_main, print_fn=print_fn)
+        state = trainer.state
+        if has_checkpoint:
+            state = checkpointer.restore_newest_good(state, print_fn)
+            print_fn(f"Resuming from step {int(state.step)} in {checkpointer.directory}")
+        # Forget what a crashed run logged past its last checkpoint; recover the evals and the clock before it.
+        records = rewind_metrics(workdir / "metrics.jsonl", int(state.step))
+        elapsed = max((r["perf/elapsed_s"] for r in records if "perf/elapsed_s" in r), default=0.0)
+        fields = {f.name: getattr(trainer, f.name) for f in dataclasses.fields(Trainer)}
+        return cls(**{**fields, "state": state}, workdir=workdir,
+                   checkpointer=checkpointer, history=[r for r in records if "val/loss" in r], elapsed_s=elapsed)
 
     def kept_message(self) -> str:
         kept = self.checkpointer.latest_step()
@@ -215,6 +233,26 @@ class _Run:
         return loss
 
 
+class TrainClock:
+    """perf/elapsed_s: seconds spent training -- running the steps and feeding them their batches -- counted on
+    from `offset` (a resumed run's clock). Compilation happens before the clock starts; logging, evaluation and
+    checkpoints run inside `paused()`."""
+
+    def __init__(self, offset: float = 0.0):
+        self.offset, self.start = offset, time.perf_counter()
+
+    def elapsed(self) -> float:
+        return self.offset + time.perf_counter() - self.start
+
+    @contextlib.contextmanager
+    def paused(self):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - t0
+
+
 def _loop(run: _Run, *, exp_name: str, wandb_mode: str | None, print_fn, stop: StopRequest, log_dir: pathlib.Path,
           on_eval) -> TrainResult:
     config, tc, state, history = run.config, run.config.train, run.state, run.history
@@ -224,14 +262,16 @@ def _loop(run: _Run, *, exp_name: str, wandb_mode: str | None, print_fn, stop: S
                           mesh=run.mesh)
     identity = _wandb_identity(config, exp_name)
     logger = RunLogger(workdir=log_dir, config=config.to_dict(), print_fn=print_fn, job_type="train",
-                       mode=wandb_mode if is_main else "disabled", **identity)  # other processes: off W&B
+                       mode=wandb_mode if is_main else "disabled",  # other processes: off W&B
+                       step_metrics=_step_metrics(config), **identity)
     stop_at = tc.steps if tc.stop_after <= 0 else min(tc.steps, tc.stop_after)
     sample, step_times, step = "", [], start_step
     progress = tqdm(total=stop_at, initial=start_step, desc=identity["name"], dynamic_ncols=True,
                     disable=None if is_main else True)
 
-    def evaluate(state, step) -> str:  # the sample
-        metrics, text = evaluator.evaluate(state.params, step, logger)
+    def evaluate(state, step) -> str:  # the sample; off the training clock
+        with clock.paused():
+            metrics, text = evaluator.evaluate(state.params, step, logger, {"perf/elapsed_s": clock.elapsed()})
         history.append({"step": step, **metrics})
         if is_main:  # progress.write prints even where the bar is disabled
             progress.write(f"step {step:>6} | train {metrics['eval_train/loss']:.4f} | val {metrics['val/loss']:.4f} "
@@ -247,31 +287,39 @@ def _loop(run: _Run, *, exp_name: str, wandb_mode: str | None, print_fn, stop: S
             step_memory, step_flops = compiled_memory_bytes(train_step), compiled_flops(train_step)
             logger.log({"perf/compile_time_s": compile_time} if step_memory is None else
                        {"perf/compile_time_s": compile_time, "perf/step_memory_mb": step_memory / 2**20}, step=start_step)
-            run_start = window_start = time.perf_counter()
-            window_step = start_step
+            run_start = time.perf_counter()
+            clock = TrainClock(run.elapsed_s)  # step times are windows of this clock
+            window_elapsed, window_step = clock.elapsed(), start_step
             while step < stop_at and not stop.requested:
                 state, metrics = train_step(state, *run.batch_at(step))
                 step += 1
                 if step % tc.log_every == 0 or step == stop_at:
-                    loss = run.check_finite(metrics, step)
-                    step_times.append((time.perf_counter() - window_start) / (step - window_step))
-                    logger.log(_train_metrics(loss, metrics, run.schedule(step - 1), step_times[-1], tokens_per_step),
-                               step=step)
-                    progress.set_postfix(loss=f"{loss:.4f}")
-                    window_start, window_step = time.perf_counter(), step
+                    loss = run.check_finite(metrics, step)  # waits for the step: training time
+                    elapsed = clock.elapsed()
+                    step_times.append((elapsed - window_elapsed) / (step - window_step))
+                    with clock.paused():  # logging is not training time (a first W&B call can take a second)
+                        logger.log({**_train_metrics(loss, metrics, run.schedule(step - 1), step_times[-1],
+                                                     tokens_per_step), "perf/elapsed_s": elapsed}, step=step)
+                        progress.set_postfix(loss=f"{loss:.4f}")
+                    window_elapsed, window_step = elapsed, step
                 progress.update(1)
                 if step % tc.eval_every == 0 or step == tc.steps:
                     sample = evaluate(state, step)
-                    window_start, window_step = time.perf_counter(), step  # eval time is not step time
                     if on_eval is not None and on_eval(step, history[-1]) and step < stop_at:
                         print_fn(f"stopping at step {step}: requested after evaluation")
                         break
                 if step % tc.checkpoint_every == 0 and step < stop_at:
                     run.check_finite(metrics, step)  # never save a diverged state
-                    checkpointer.save(state)
+                    with clock.paused():
+                        if step % tc.log_every:  # a resumed run's clock starts from the last logged value
+                            logger.log({"perf/elapsed_s": clock.elapsed()}, step=step)
+                        checkpointer.save(state)
+            train_time = clock.elapsed()
             if stop.requested:
                 if step > start_step:
                     run.check_finite(metrics, step)
+                    if step % tc.log_every:
+                        logger.log({"perf/elapsed_s": train_time}, step=step)
                 saved = checkpointer.save(state)
                 progress.close()
                 print_fn(f"Interrupted: checkpoint saved at step {saved} in {checkpointer.directory}; "
@@ -291,10 +339,11 @@ def _loop(run: _Run, *, exp_name: str, wandb_mode: str | None, print_fn, stop: S
                 final_val_loss=history[-1]["val/loss"] if history else math.nan, wall_time_s=wall,
                 compile_time_s=compile_time, step_time_ms=1000 * step_time, tokens_per_s=tokens_per_step / step_time,
                 step_memory_bytes=step_memory, step_flops=step_flops, params=run.counts, sample=sample,
-                history=history)
+                history=history, train_time_s=train_time, tokens_per_step=tokens_per_step)
             logger.set_summary({"val/best_loss": best_val, "val/best_bpc": best_val / math.log(2),
                                 "perf/median_step_time_ms": result.step_time_ms,
-                                "perf/median_tokens_per_s": result.tokens_per_s, "perf/wall_time_s": wall})
+                                "perf/median_tokens_per_s": result.tokens_per_s, "perf/wall_time_s": wall,
+                                "perf/train_time_s": result.train_time_s})
     except OSError as err:  # a full or read-only disk mid-run (metrics, images, W&B files)
         raise WorkdirError(f"cannot write in {run.workdir} at step {step} ({describe_os_error(err)}); the run "
                            f"stopped, {run.kept_message()}; free space and rerun to resume", exit_code=1) from None
@@ -304,6 +353,12 @@ def _loop(run: _Run, *, exp_name: str, wandb_mode: str | None, print_fn, stop: S
              f"| {result.step_time_ms:.1f} ms/step, {result.tokens_per_s:,.0f} tok/s, compile {compile_time:.1f}s")
     print_fn("sample:\n" + sample)
     return result
+
+
+def _step_metrics(config) -> dict[str, str]:
+    """W&B x axes: every key against "step"; the eval losses against wandb.val_x_axis when it says otherwise."""
+    axis = config.wandb.get("val_x_axis", "step")
+    return {} if axis == "step" else {"val/*": axis, "eval_train/*": axis}
 
 
 def _announce(run: _Run, logger: RunLogger, name: str, print_fn) -> None:

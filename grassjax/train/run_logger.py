@@ -2,13 +2,14 @@
 
 Mode "auto" goes online only with credentials, else offline, so a run never waits at a login prompt. The files
 (metrics.jsonl, images/, tables.jsonl, histograms.jsonl, summary.json, wandb_run_id) and how a resumed run
-continues them: README, "Weights & Biases". Every W&B row carries "step", the x axis of all metrics.
+continues them: README, "Weights & Biases". Every W&B row carries "step", the default x axis of every metric;
+`step_metrics` gives some keys another one (a time-matched run plots val/* against perf/elapsed_s).
 """
 
 from __future__ import annotations
 
 import contextlib
-
+import fnmatch
 import json
 import math
 import netrc
@@ -192,7 +193,7 @@ class RunLogger:
 
     def __init__(self, *, workdir, project: str, name: str, group: str | None, tags: Iterable[str], config: dict,
                  mode: str | None = None, job_type: str | None = None, print_fn: Callable[[str], None] = print,
-                 summary_min: Sequence[str] = DEFAULT_SUMMARY_MIN):
+                 summary_min: Sequence[str] = DEFAULT_SUMMARY_MIN, step_metrics: dict[str, str] | None = None):
         self.workdir = pathlib.Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.mode, self.mode_reason = resolve_wandb_mode(mode)
@@ -203,7 +204,7 @@ class RunLogger:
         if self.mode == "disabled":
             return
         init = dict(project=project, name=name, group=group or None, tags=list(tags), config=dict(config),
-                    job_type=job_type, summary_min=tuple(summary_min))
+                    job_type=job_type, summary_min=tuple(summary_min), step_metrics=dict(step_metrics or {}))
         try:
             self.run = self._init_wandb(self.mode, **init)
         except Exception as e:  # noqa: BLE001
@@ -223,7 +224,7 @@ class RunLogger:
         else:
             print_fn(f"W&B online ({self.mode_reason}): {self.run.url}")
 
-    def _init_wandb(self, mode: str, *, project, name, group, tags, config, job_type, summary_min,
+    def _init_wandb(self, mode: str, *, project, name, group, tags, config, job_type, summary_min, step_metrics,
                     fresh_id: bool = False):
         import wandb
         from wandb.sdk.lib.runid import generate_id
@@ -244,8 +245,11 @@ class RunLogger:
                          settings=settings)
         run.define_metric("step")
         run.define_metric("*", step_metric="step")
+        for pattern, axis in step_metrics.items():  # {"val/*": "perf/elapsed_s"}: that axis must be in the rows
+            run.define_metric(pattern, step_metric=axis)
         for key in summary_min:
-            run.define_metric(key, step_metric="step", summary="min,last")
+            axis = next((a for p, a in step_metrics.items() if fnmatch.fnmatchcase(key, p)), "step")
+            run.define_metric(key, step_metric=axis, summary="min,last")
         return run
 
     # ----------------------------------------------------------------------------------------- properties
