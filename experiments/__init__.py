@@ -25,8 +25,10 @@ class Experiment:
 
 
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
-    Experiment("grassmann_shakespeare", "Causal Grassmann LM on tiny Shakespeare, CPU budget (~minutes)",
+    Experiment("grassmann_shakespeare", "Causal Grassmann LM (order-keeping, tuned) on tiny Shakespeare, CPU budget (~minutes)",
                shakespeare.grassmann_shakespeare),
+    Experiment("grassmann_shakespeare_paper", "the paper's Grassmann layer (offsets averaged) at nanoGPT's "
+               "learning rate, CPU budget", shakespeare.grassmann_shakespeare_paper),
     Experiment("transformer_shakespeare", "causal Transformer matched to grassmann_shakespeare in size and budget",
                shakespeare.transformer_shakespeare),
     Experiment("bigram_shakespeare", "bigram baseline on tiny Shakespeare", shakespeare.bigram_shakespeare),

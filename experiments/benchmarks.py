@@ -59,7 +59,7 @@ def _bench(**changes) -> ml_collections.ConfigDict:
 
 def benchmark_scaling() -> ml_collections.ConfigDict:
     """CPU: model/train sections are the CPU-budget Shakespeare ones (4 layers, d=128, r=16, AdamW)."""
-    cfg = shakespeare.grassmann_shakespeare()  # default_config() + the CPU model; mixer is set per arm
+    cfg = shakespeare.grassmann_shakespeare_paper()  # default_config() + the CPU model; mixer is set per arm
     cfg.bench = _bench()
     cfg.wandb.tags = ("benchmark",)
     return cfg
@@ -95,7 +95,7 @@ def benchmark_scaling_gpu() -> ml_collections.ConfigDict:
 def benchmark_vs_pytorch() -> ml_collections.ConfigDict:
     """The CPU LMs' train step in JAX and in the PyTorch port, interleaved: nanoGPT's CPU recipe (block 64,
     batch 12) and block 256 at the same 768 tokens per step. Needs the torch extra."""
-    cfg = shakespeare.grassmann_shakespeare()  # the CPU model and AdamW settings; the mixer is set per row
+    cfg = shakespeare.grassmann_shakespeare_paper()  # the CPU model and AdamW settings; the mixer is set per row
     cfg.bench = ml_collections.ConfigDict(dict(
         seq_lens=(64, 256),
         batch_sizes=(12, 3),

@@ -8,11 +8,11 @@ context; the Grassmann mixer itself has no length limit.
 
 import ml_collections
 
-from experiments.shakespeare import grassmann_shakespeare
+from experiments.shakespeare import grassmann_shakespeare_paper
 
 
 def benchmark_generation() -> ml_collections.ConfigDict:
-    cfg = grassmann_shakespeare()  # default_config() at the CPU-budget width; the bench sets the mixer
+    cfg = grassmann_shakespeare_paper()  # default_config() at the CPU-budget width; the bench sets the mixer
     cfg.bench = ml_collections.ConfigDict(dict(
         mixers=("attention", "grassmann"),
         contexts=(256, 1024, 2048, 4096, 8192),  # prompt lengths prefilled before decoding

@@ -16,7 +16,8 @@ from tests.test_train import run
 def test_ablation_config_has_every_arm_and_each_is_a_valid_model():
     cfg = experiments.get_experiment("ablate_shakespeare").get_config()
     validate(cfg)
-    arms = {name: ModelConfig.from_mapping({**cfg.model.to_dict(), **cfg.arms[name].to_dict()})
+    arms = {name: ModelConfig.from_mapping({**cfg.model.to_dict(),
+                                            **{k: v for k, v in cfg.arms[name].to_dict().items() if k != "train"}})
             for name in cfg.compare.arms}
     assert arms["grassmann"].offsets == (1, 2, 4, 8, 12, 16) and cfg.compare.waterfall_reference == "grassmann"
     assert {a.offsets for a in arms.values() if a.mixer == "grassmann" and not a.offsets_per_layer} >= \
@@ -26,6 +27,9 @@ def test_ablation_config_has_every_arm_and_each_is_a_valid_model():
     assert arms["offset_weights"].grassmann_partner_mix == "per_offset_scalar"
     assert {a.mixer for a in arms.values()} == {"grassmann", "sliding_window", "conv", "attention"}
     assert cfg.compare.baseline == "transformer" and len(cfg.compare.ngram_contexts) > 0
+    # The finalists (every seed) include each tuned arm, at a learning rate of its own.
+    assert set(cfg.compare.finalists) <= set(cfg.compare.arms)
+    assert cfg.arms.partner_mix_tuned.train.learning_rate != cfg.arms.transformer_tuned.train.learning_rate
     # Screening: a list of arm names needs no quotes on the command line.
     screened = apply_overrides(cfg, {"compare.arms": "grassmann, conv,transformer", "compare.seeds": "1"})
     assert screened.compare.arms == ("grassmann", "conv", "transformer") and screened.compare.seeds == 1

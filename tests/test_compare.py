@@ -50,7 +50,7 @@ def test_paper_variant_adds_a_third_arm_and_only_finalists_get_every_seed(tmp_pa
     assert [(r["arm"], r["seeds"]) for r in result["rows"]] == [("grassmann", 1), ("transformer", 2),
                                                                 ("grassmann_paper", 1)]
     assert not (tmp_path / "cmp" / "grassmann" / "seed1").exists()
-    with pytest.raises(ConfigError, match=r"compare.finalists: \['conv'\] not among"):
+    with pytest.raises(ConfigError, match=r"compare.finalists: \['conv'\] are not defined arms"):
         run("compare_shakespeare", tmp_path / "cmp2", text_data_dir, compare__finalists=("conv",))
 
 

@@ -334,10 +334,11 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         if match == "time" and not cfg.compare.get("time_budget_s", 0) > 0:
             raise ConfigError("--config.compare.match=time needs --config.compare.time_budget_s > 0 "
                               "(seconds of training per run)")
-        names = list(cfg.compare.arms) + (["grassmann_paper"] if cfg.compare.get("paper_variant") else [])
-        stray = [a for a in cfg.compare.get("finalists", ()) if a not in names]
+        # Finalists outside compare.arms are skipped (a screen of fewer arms), but each must be a defined arm.
+        stray = [a for a in cfg.compare.get("finalists", ()) if a not in cfg.get("arms", {})]
         if stray:
-            raise ConfigError(f"--config.compare.finalists: {stray} not among compare.arms {names}")
+            raise ConfigError(f"--config.compare.finalists: {stray} are not defined arms; "
+                              f"defined: {', '.join(cfg.get('arms', {}).keys())}")
     if "arms" in cfg:  # comparison configs: each arm overrides some model (and train/data) fields
         # Only the arms that will run: a screening override (say model.num_layers=2) need not suit the others.
         specs = comparison_arms(cfg) if "compare" in cfg else \

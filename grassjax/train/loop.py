@@ -334,6 +334,12 @@ def _loop(run: _Run, *, exp_name: str, wandb_mode: str | None, print_fn, stop: S
             best_val = min((h["val/loss"] for h in history), default=math.inf)
             # Median over logging windows: robust to the odd slow window (GC, another process).
             step_time = float(np.median(step_times)) if step_times else math.nan
+            previous = run.workdir / "result.json"
+            if not step_times and previous.exists():  # a rerun that trained nothing: keep the measured timing
+                old = json.loads(previous.read_text())
+                if old.get("final_step") == step:
+                    step_time, wall = old["step_time_ms"] / 1000, old["wall_time_s"]
+                    compile_time = old["compile_time_s"]
             result = TrainResult(
                 workdir=str(run.workdir), final_step=step, best_val_loss=best_val,
                 final_val_loss=history[-1]["val/loss"] if history else math.nan, wall_time_s=wall,
