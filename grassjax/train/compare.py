@@ -186,17 +186,19 @@ def plot_report(results: dict[str, list[TrainResult]], out: pathlib.Path,
 
     paths = []
 
-    def band(ax, steps, values, label):
+    def band(ax, steps, values, label, color=None):
         mean, std = values.mean(0), values.std(0)
-        line, = ax.plot(steps, mean, label=label)
+        line, = ax.plot(steps, mean, label=label, color=color)
         ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.25)
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for arm, runs in results.items():
+    # One colour per arm: tab10 repeats after 10 arms, which an ablation exceeds.
+    colors = plt.get_cmap("tab10" if len(results) <= 10 else "tab20").colors
+    for (arm, runs), color in zip(results.items(), itertools.cycle(colors)):
         length = min(len(r.history) for r in runs)
         steps = [h["step"] for h in runs[0].history[:length]]
         band(ax, steps, np.array([[h["val/loss"] for h in r.history[:length]] for r in runs]),
-             f"{arm} ({len(runs)} seeds)")
+             f"{arm} ({len(runs)} seed{'s' if len(runs) > 1 else ''})", color)
     for r, style in zip(ngram_rows, itertools.cycle([":", "--", "-."])):
         ax.axhline(r["val_loss"], color="0.35", linestyle=style, linewidth=1,
                    label=f"{r['order']}-gram KN ({r['val_loss']:.3f})")
