@@ -273,9 +273,9 @@ def run_comparison(config, *, workdir, exp_name: str, data_dir: str | None = Non
                        data_dir, print_fn)
     results: dict[str, list[TrainResult]] = {}
     evals: dict[str, list[dict]] = {}
+    # Screen, then confirm: arms not among compare.finalists (empty: all) run at the first seed only.
+    finalists = set(config.compare.get("finalists", ())) or {s.arm for s in specs}
     for seed in seeds:  # seed-major: an interrupted comparison still has every arm at the first seeds
-        # Screen, then confirm: arms not among compare.finalists (empty: all) run at the first seed only.
-        finalists = set(config.compare.get("finalists", ())) or {s.arm for s in specs}
         for spec in specs if seed == seeds[0] else [s for s in specs if s.arm in finalists]:
             print_fn(f"== {exp_name}: arm {spec.name}, seed {seed} ==")
             cfg = apply_plan(arm_config(config, spec.arm, seed, group, spec), plans[spec.name],
