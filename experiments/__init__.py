@@ -59,6 +59,8 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
     Experiment("benchmark_vs_pytorch", "JAX vs PyTorch (eager, torch.compile) train steps of the same LMs, "
                "interleaved; needs pip install -e .[torch]", benchmarks.benchmark_vs_pytorch,
                runner="benchmark_vs_pytorch"),
+    Experiment("benchmark_vs_pytorch_gpu", "benchmark_vs_pytorch on one NVIDIA GPU, nanoGPT's GPU model, TF32 on both "
+               "sides", benchmarks.benchmark_vs_pytorch_gpu, runner="benchmark_vs_pytorch"),
     Experiment("benchmark_generation", "streaming decode tokens/s and cache memory vs context, up to 8k",
                generation.benchmark_generation, runner="benchmark_generation"),
     Experiment("paper_wikitext2_transformer_6l", "paper setting: Transformer, 6 layers, block 128, WikiText-2",

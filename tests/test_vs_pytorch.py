@@ -10,7 +10,7 @@ from flax import nnx
 
 torch = pytest.importorskip("torch", reason="pip install -e .[torch]")
 
-from experiments.benchmarks import benchmark_vs_pytorch  # noqa: E402
+from experiments.benchmarks import benchmark_vs_pytorch, benchmark_vs_pytorch_gpu  # noqa: E402
 from grassjax.bench import torch_port  # noqa: E402
 from grassjax.bench.vs_pytorch import run_vs_pytorch_benchmark  # noqa: E402
 from grassjax.nn import ModelConfig, build_model  # noqa: E402
@@ -80,3 +80,17 @@ def test_benchmark_vs_pytorch_tiny_run(tmp_path):
     assert rows[("grassmann", "torch")]["over_torch_eager"] == 1.0
     assert abs(rows[("grassmann", "jax")]["first_loss"] - rows[("grassmann", "torch")]["first_loss"]) < 1e-4
     assert "| 16 | 2 | grassmann | jax |" in results["table"]
+    # The run sets the float32 matmul precision on both sides for itself only.
+    assert torch.get_float32_matmul_precision() == "highest"
+    assert saved["environment"]["torch_device"] == "cpu"
+
+
+def test_benchmark_vs_pytorch_refuses_what_it_cannot_run(tmp_path):
+    cfg = benchmark_vs_pytorch()
+    cfg.bench.matmul_precision = "fast"
+    with pytest.raises(SystemExit, match="highest or tensorfloat32"):
+        run_vs_pytorch_benchmark(cfg, workdir=tmp_path, exp_name="x", wandb_mode="disabled")
+    if not torch.cuda.is_available():
+        cfg = benchmark_vs_pytorch_gpu()
+        with pytest.raises(SystemExit, match="torch_device=cpu"):
+            run_vs_pytorch_benchmark(cfg, workdir=tmp_path, exp_name="x", wandb_mode="disabled")

@@ -28,7 +28,8 @@ from grassjax.train.run_logger import RunLogger
 from grassjax.train.step import TrainState, make_train_step
 
 MIB = 2**20
-MIXERS = ("attention", "attention_jax_nn", "attention_explicit", "grassmann_reference", "grassmann")
+# attention_cudnn: jax.nn's cuDNN flash attention, on an NVIDIA GPU in bfloat16/float16 only.
+MIXERS = ("attention", "attention_jax_nn", "attention_cudnn", "attention_explicit", "grassmann_reference", "grassmann")
 LM_MIXERS = ("attention", "grassmann")
 
 
@@ -60,7 +61,7 @@ def mixer_params(kind: str, d: int, r: int, seed: int = 0, dtype=jnp.float32) ->
 
 def mixer_fn(kind: str, *, num_heads: int, offsets: tuple[int, ...]) -> Callable:
     """mixer(x, params) -> (B, T, d) for one of MIXERS."""
-    if kind in ("attention", "attention_jax_nn", "attention_explicit"):
+    if kind in ("attention", "attention_jax_nn", "attention_cudnn", "attention_explicit"):
 
         def attention(x, p):
             *lead, T, C = x.shape
@@ -68,8 +69,9 @@ def mixer_fn(kind: str, *, num_heads: int, offsets: tuple[int, ...]) -> Callable
             q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
             if kind == "attention_explicit":
                 y = F.scaled_dot_product_attention(q, k, v, causal=True, return_weights=True)[0]
-            elif kind == "attention_jax_nn":
-                y = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+            elif kind in ("attention_jax_nn", "attention_cudnn"):
+                y = jax.nn.dot_product_attention(q, k, v, is_causal=True,
+                                                 implementation="cudnn" if kind == "attention_cudnn" else None)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, causal=True)
             return y.reshape(*lead, T, C) @ p["w_out"] + p["b_out"]
@@ -343,6 +345,17 @@ def compute_ratios(rows: list[dict], bc) -> dict[str, Any]:
                if row["series"] == "lm" and row["mixer"] == mixer}
         per_token[mixer] = pts
     ratios["lm_us_per_token"] = per_token
+    # Where the Grassmann mixer overtakes each attention: the smallest T from which it is faster at every T measured.
+    crossover = {}
+    for kind in sorted({row["mixer"] for row in rows if row["series"] == "mixer" and row["mixer"].startswith("attention")}):
+        Ts = sorted(row["T"] for row in rows if row["series"] == "mixer" and row["mixer"] == kind)
+        faster = [T for T in Ts if (_div(_lookup(rows, "mixer", "grassmann", T), _lookup(rows, "mixer", kind, T))
+                                     or float("inf")) < 1.0]
+        from_T = next((T for T in Ts if all(t in faster for t in Ts if t >= T)), None)
+        crossover[kind] = {"from_T": from_T, "T_measured": Ts,
+                           "grassmann_over_attention": {T: _div(_lookup(rows, "mixer", "grassmann", T),
+                                                                _lookup(rows, "mixer", kind, T)) for T in Ts}}
+    ratios["grassmann_mixer_crossover"] = crossover
     return ratios
 
 
@@ -411,6 +424,9 @@ def format_summary(ratios: dict, targets: list[dict]) -> str:
     lines.append(f"flatness: {fl['note']}")
     if fl.get("attention_mixer_alone"):
         lines.append(f"  (attention mixer alone over the same range: {fl['attention_mixer_alone']['value']:.2f}x)")
+    for kind, c in ratios.get("grassmann_mixer_crossover", {}).items():
+        where = f"from T={c['from_T']} on" if c["from_T"] is not None else f"at no T up to {max(c['T_measured'])}"
+        lines.append(f"grassmann_mix faster than {kind} (mixer alone) {where}")
     return "\n".join(lines)
 
 

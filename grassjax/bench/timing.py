@@ -121,21 +121,21 @@ def device_peak_memory_bytes(device=None) -> int | None:
 
 
 def peak_memory_bytes(compiled, device=None) -> tuple[int | None, str]:
-    """Peak memory of one call: (bytes, source).
+    """Peak memory of one call of `compiled`: (bytes, source).
 
-    From the device allocator where it reports statistics (GPU/TPU) -- then
-    this is the process-wide peak so far, which the caller should read right
-    after running `compiled` -- else from XLA's static buffer assignment,
-    `memory_analysis()`: argument + output + temp bytes, minus aliased
-    (donated) bytes, which are counted in both arguments and outputs.
+    XLA's static buffer assignment, `memory_analysis()`, where the backend gives it: argument + output +
+    temp bytes, minus aliased (donated) bytes, which are counted in both arguments and outputs. It is
+    per executable, so points of one benchmark can be compared. Else the device allocator's peak
+    (GPU/TPU), which is the process-wide high-water mark so far: read right after running `compiled`,
+    and only an upper bound once a bigger executable has run in the process.
     """
+    total = compiled_memory_bytes(compiled)
+    if total is not None:
+        return total, "compiled.memory_analysis (argument + output + temp - alias)"
     peak = device_peak_memory_bytes(device)
     if peak is not None:
-        return int(peak), "device.memory_stats peak_bytes_in_use"
-    total = compiled_memory_bytes(compiled)
-    if total is None:
-        return None, "unavailable"
-    return total, "compiled.memory_analysis (argument + output + temp - alias)"
+        return int(peak), "device.memory_stats peak_bytes_in_use (process-wide high-water mark)"
+    return None, "unavailable"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,6 +12,7 @@ Outputs in workdir: results.json, the table on stdout, one W&B run.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -44,6 +45,7 @@ def _torch():
 def _setup(config, mixer: str, T: int, B: int, frameworks, print_fn):
     """Both implementations from the same weights, with one batch; returns ({name: step_fn}, info)."""
     torch, tp = _torch()
+    device = torch.device(str(config.bench.torch_device))
     mc = lm_model_config(config, mixer, T)
     model = build_model(mc, seed=int(config.train.seed))
     graphdef, params = nnx.split(model, nnx.Param)
@@ -51,7 +53,8 @@ def _setup(config, mixer: str, T: int, B: int, frameworks, print_fn):
     x_np = rng.integers(0, mc.vocab_size, (B, T))
     y_np = rng.integers(0, mc.vocab_size, (B, T))
     x, y = jnp.asarray(x_np, jnp.int32), jnp.asarray(y_np, jnp.int32)
-    xt, yt = torch.as_tensor(x_np, dtype=torch.long), torch.as_tensor(y_np, dtype=torch.long)
+    xt = torch.as_tensor(x_np, dtype=torch.long, device=device)
+    yt = torch.as_tensor(y_np, dtype=torch.long, device=device)
 
     jax_loss = float(jax.jit(lambda p: cross_entropy(nnx.merge(graphdef, p)(x), y))(params))
     steps, info = {}, dict(params=param_counts(model)["total"], losses={"jax": jax_loss})
@@ -71,6 +74,7 @@ def _setup(config, mixer: str, T: int, B: int, frameworks, print_fn):
             continue
         torch_model = tp.LanguageModel(mc)
         tp.load_params(torch_model, params)
+        torch_model.to(device)
         with torch.no_grad():
             info["losses"][name] = float(torch.nn.functional.cross_entropy(
                 torch_model(xt).reshape(-1, mc.vocab_size), yt.reshape(-1)))
@@ -81,6 +85,7 @@ def _setup(config, mixer: str, T: int, B: int, frameworks, print_fn):
                 step = tp.make_train_step(compiled, opt, sched, grad_clip=float(config.train.grad_clip))
                 t0 = time.perf_counter()
                 step(xt, yt)  # compiles
+                _sync(torch, device)
                 info["torch_compile_s"] = time.perf_counter() - t0
             except Exception as err:  # noqa: BLE001 - any backend failure means "not available here"
                 info["torch_compile_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
@@ -89,8 +94,31 @@ def _setup(config, mixer: str, T: int, B: int, frameworks, print_fn):
         else:
             opt, sched = tp.make_optimizer(torch_model, config.train)
             step = tp.make_train_step(torch_model, opt, sched, grad_clip=float(config.train.grad_clip))
-        steps[name] = lambda step=step: step(xt, yt)
+        steps[name] = lambda step=step: (step(xt, yt), _sync(torch, device))
     return steps, info
+
+
+def _sync(torch, device) -> None:
+    """Wait for the GPU, as block_until_ready does on the JAX side; a CPU step has finished when it returns."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def _matmul_precision(torch, precision: str):
+    """The same float32 matmul precision on both sides, for the run only: "highest" (true float32) or
+    "tensorfloat32" (TF32 on NVIDIA GPUs, where JAX and PyTorch otherwise default differently). A CPU ignores it."""
+    if precision not in ("highest", "tensorfloat32"):
+        raise SystemExit(f"bench.matmul_precision must be highest or tensorfloat32, got {precision!r}")
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest" if precision == "highest" else "high")
+    torch.backends.cudnn.allow_tf32 = precision != "highest"
+    try:
+        with jax.default_matmul_precision(precision):
+            yield
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cudnn.allow_tf32 = before[1]
 
 
 def run_vs_pytorch_benchmark(config: ml_collections.ConfigDict, *, workdir, exp_name: str, data_dir=None,
@@ -103,6 +131,9 @@ def run_vs_pytorch_benchmark(config: ml_collections.ConfigDict, *, workdir, exp_
     torch, _ = _torch()
     torch.set_num_threads(int(config.bench.torch_threads) or os.cpu_count())
     bench = config.bench
+    if str(bench.torch_device).startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit(f"bench.torch_device={bench.torch_device} but this PyTorch sees no GPU: "
+                         "use --config.bench.torch_device=cpu, or a CUDA build of torch")
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     frameworks = ("jax",) + tuple(f for f in bench.frameworks if f != "jax")
@@ -110,11 +141,14 @@ def run_vs_pytorch_benchmark(config: ml_collections.ConfigDict, *, workdir, exp_
                        group=config.wandb.group or None, tags=list(config.wandb.tags), config=config.to_dict(),
                        mode=wandb_mode, job_type="benchmark", print_fn=print)
     load_before = os.getloadavg()
-    print(f"{exp_name}: JAX {jax.__version__} vs PyTorch {torch.__version__} ({torch.get_num_threads()} threads), "
+    print(f"{exp_name}: JAX {jax.__version__} on {jax.devices()[0].device_kind} vs PyTorch {torch.__version__} on "
+          f"{bench.torch_device} ({torch.get_num_threads()} threads), {bench.matmul_precision} float32 matmuls, "
           f"{bench.reps} interleaved rounds after {bench.warmup} warm-up; load average {load_before[0]:.2f} "
           f"on {os.cpu_count()} cores")
     rows, start = [], time.perf_counter()
+    precision = contextlib.ExitStack()
     try:
+        precision.enter_context(_matmul_precision(torch, str(bench.matmul_precision)))
         for index, (T, B) in enumerate(zip(bench.seq_lens, bench.batch_sizes)):
             for mixer in bench.mixers:
                 steps, info = _setup(config, mixer, int(T), int(B), frameworks, print)
@@ -151,9 +185,12 @@ def run_vs_pytorch_benchmark(config: ml_collections.ConfigDict, *, workdir, exp_
                    for r in rows if r["over_torch_eager"] is not None}
         logger.set_summary(summary)
     finally:
+        precision.close()
         logger.finish()
     results = dict(experiment=exp_name, config=config.to_dict(), rows=rows, summary=summary, table=table,
                    environment={**timing.machine_info(), "torch": torch.__version__,
+                                "torch_device": str(bench.torch_device),
+                                "jax_device": jax.devices()[0].device_kind,
                                 "torch_threads": torch.get_num_threads(), "load_average_before": load_before,
                                 "load_average_after": os.getloadavg()},
                    wall_s=time.perf_counter() - start)
