@@ -1,12 +1,22 @@
 """Shared fixtures: generated text (no network, no shared data needed) and a tiny training config."""
 
+import os
 import pathlib
+import tempfile
 
 import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+# Most of the suite's time is XLA compiling the same tiny programs again (every tiny run builds its model
+# anew). JAX's persistent compilation cache, shared by the test processes, their subprocesses and pytest-xdist
+# workers, compiles each once per machine. Set before jax is imported; an entry is keyed by the program, the
+# jax version and the flags, so a stale one is never used.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "grassjax-tests-xla-cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 # Small enough to compile in seconds, big enough that the loss visibly falls.
 TINY_OVERRIDES = {

@@ -83,12 +83,14 @@ def test_resume_continues_the_loss_curve_exactly_and_runs_are_deterministic(tmp_
     # val loss at the end matches too
     last_val = lambda w: [r["val/loss"] for r in read_metrics_jsonl(w / "metrics.jsonl") if "val/loss" in r][-1]
     assert last_val(interrupted) == last_val(straight)
-    # A rerun of the finished run trains nothing and keeps the timing its training measured (not nan).
+    # A rerun of the finished run trains nothing, compiles no step, and keeps the timing its training measured
+    # (not nan) and its sample.
     first = json.loads((straight / "result.json").read_text())
     again = run("transformer_shakespeare", straight, text_data_dir)
     assert again.final_step == first["final_step"] and again.best_val_loss == first["best_val_loss"]
     assert math.isfinite(again.step_time_ms) and again.step_time_ms == first["step_time_ms"]
     assert again.tokens_per_s == first["tokens_per_s"]
+    assert (again.compile_time_s, again.sample) == (first["compile_time_s"], first["sample"])
 
 
 def test_dropout_run_resumes_exactly(tmp_path, text_data_dir):

@@ -281,12 +281,19 @@ def _loop(run: _Run, *, exp_name: str, wandb_mode: str | None, print_fn, stop: S
     _announce(run, logger, identity["name"], print_fn)
     try:
         with logger, progress, contextlib.closing(run.checkpointer) as checkpointer:
-            t0 = time.perf_counter()  # compile ahead of the loop so that step times exclude compilation
-            train_step = run.train_step.lower(state, *run.batch_at(start_step)).compile()
-            compile_time = time.perf_counter() - t0
-            step_memory, step_flops = compiled_memory_bytes(train_step), compiled_flops(train_step)
-            logger.log({"perf/compile_time_s": compile_time} if step_memory is None else
-                       {"perf/compile_time_s": compile_time, "perf/step_memory_mb": step_memory / 2**20}, step=start_step)
+            # A rerun of a finished run trains nothing: it keeps what its training measured and compiles no step.
+            finished = _finished_result(run.workdir, start_step) if start_step >= stop_at else None
+            if finished is not None:
+                train_step, compile_time = None, finished["compile_time_s"]
+                step_memory, step_flops = finished["step_memory_bytes"], finished["step_flops"]
+            else:
+                t0 = time.perf_counter()  # compile ahead of the loop so that step times exclude compilation
+                train_step = run.train_step.lower(state, *run.batch_at(start_step)).compile()
+                compile_time = time.perf_counter() - t0
+                step_memory, step_flops = compiled_memory_bytes(train_step), compiled_flops(train_step)
+                logger.log({"perf/compile_time_s": compile_time} if step_memory is None else
+                           {"perf/compile_time_s": compile_time, "perf/step_memory_mb": step_memory / 2**20},
+                           step=start_step)
             run_start = time.perf_counter()
             clock = TrainClock(run.elapsed_s)  # step times are windows of this clock
             window_elapsed, window_step = clock.elapsed(), start_step
@@ -327,19 +334,15 @@ def _loop(run: _Run, *, exp_name: str, wandb_mode: str | None, print_fn, stop: S
                 raise StopRequested(stop.signum)
             if not history or history[-1]["step"] != step:
                 sample = evaluate(state, step)
-            elif not sample:  # a rerun of a finished run: its evals were recovered, draw the sample again
-                sample = evaluator.sample(state.params, step)
+            elif not sample:  # a rerun of a finished run: its evals were recovered, and so is its sample
+                sample = finished["sample"] if finished is not None else evaluator.sample(state.params, step)
             checkpointer.save(state)
             wall = time.perf_counter() - run_start
             best_val = min((h["val/loss"] for h in history), default=math.inf)
             # Median over logging windows: robust to the odd slow window (GC, another process).
             step_time = float(np.median(step_times)) if step_times else math.nan
-            previous = run.workdir / "result.json"
-            if not step_times and previous.exists():  # a rerun that trained nothing: keep the measured timing
-                old = json.loads(previous.read_text())
-                if old.get("final_step") == step:
-                    step_time, wall = old["step_time_ms"] / 1000, old["wall_time_s"]
-                    compile_time = old["compile_time_s"]
+            if finished is not None:
+                step_time, wall = finished["step_time_ms"] / 1000, finished["wall_time_s"]
             result = TrainResult(
                 workdir=str(run.workdir), final_step=step, best_val_loss=best_val,
                 final_val_loss=history[-1]["val/loss"] if history else math.nan, wall_time_s=wall,
@@ -359,6 +362,19 @@ def _loop(run: _Run, *, exp_name: str, wandb_mode: str | None, print_fn, stop: S
              f"| {result.step_time_ms:.1f} ms/step, {result.tokens_per_s:,.0f} tok/s, compile {compile_time:.1f}s")
     print_fn("sample:\n" + sample)
     return result
+
+
+def _finished_result(workdir: pathlib.Path, step: int) -> dict | None:
+    """result.json of a run that finished at `step` (its timing, memory, FLOPs and sample), else None."""
+    path = workdir / "result.json"
+    if not path.exists():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    needed = {"compile_time_s", "step_memory_bytes", "step_flops", "step_time_ms", "wall_time_s", "sample"}
+    return result if result.get("final_step") == step and needed <= result.keys() else None
 
 
 def _step_metrics(config) -> dict[str, str]:
