@@ -61,6 +61,8 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
                runner="benchmark_vs_pytorch"),
     Experiment("benchmark_vs_pytorch_gpu", "benchmark_vs_pytorch on one NVIDIA GPU, nanoGPT's GPU model, TF32 on both "
                "sides", benchmarks.benchmark_vs_pytorch_gpu, runner="benchmark_vs_pytorch"),
+    Experiment("profile_train_step", "jax.profiler trace of the CPU LMs' train step: the top XLA ops and their "
+               "shares", benchmarks.profile_train_step, runner="profile"),
     Experiment("benchmark_generation", "streaming decode tokens/s and cache memory vs context, up to 8k",
                generation.benchmark_generation, runner="benchmark_generation"),
     Experiment("paper_wikitext2_transformer_6l", "paper setting: Transformer, 6 layers, block 128, WikiText-2",
@@ -107,6 +109,7 @@ def run(name: str, overrides: dict[str, str] | None = None, *, workdir: str | No
     # Imported here: `launch.py --list` and config errors stay fast, and optional extras load only when used.
     from grassjax.baselines.runner import run_ngram_baselines
     from grassjax.bench.generation import run_generation_benchmark
+    from grassjax.bench.profile import run_profile
     from grassjax.bench.scaling import run_scaling_benchmark
     from grassjax.bench.vs_pytorch import run_vs_pytorch_benchmark
     from grassjax.train.compare import run_comparison
@@ -121,6 +124,6 @@ def run(name: str, overrides: dict[str, str] | None = None, *, workdir: str | No
         move_aside(pathlib.Path(workdir))
     runners = {"train": train, "compare": run_comparison, "benchmark_scaling": run_scaling_benchmark,
                "benchmark_generation": run_generation_benchmark, "benchmark_vs_pytorch": run_vs_pytorch_benchmark,
-               "ngram": run_ngram_baselines, "tune": run_tuning}
+               "ngram": run_ngram_baselines, "tune": run_tuning, "profile": run_profile}
     return runners[experiment.runner](config, workdir=workdir, exp_name=name, data_dir=data_dir,
                                       wandb_mode=wandb_mode)

@@ -129,3 +129,21 @@ def benchmark_vs_pytorch_gpu() -> ml_collections.ConfigDict:
                      matmul_precision="tensorfloat32", loss_tolerance=1e-2, reps=50, warmup=5)
     cfg.wandb.tags = ("benchmark", "pytorch", "gpu")
     return cfg
+
+
+def profile_train_step() -> ml_collections.ConfigDict:
+    """A jax.profiler trace of the CPU LMs' train step at nanoGPT's CPU recipe (block 64, batch 12), summed per
+    XLA op: the top ops and their shares of the step (grassjax.bench.profile)."""
+    cfg = shakespeare.grassmann_shakespeare_paper()  # the CPU model and AdamW settings; the mixer is set per row
+    cfg.bench = ml_collections.ConfigDict(dict(
+        mixers=("attention", "grassmann"),
+        seq_len=64,
+        batch_size=12,
+        steps=20,  # traced steps, after warmup untraced ones
+        warmup=3,
+        top=15,  # ops listed per mixer in profile.md
+        vocab_size=65,
+        dtype="float32",
+    ))
+    cfg.wandb.tags = ("benchmark", "profile")
+    return cfg

@@ -206,7 +206,9 @@ def lm_model_config(config: ml_collections.ConfigDict, mixer: str, block_size: i
     return ModelConfig.from_mapping(values)
 
 
-def _lm_setup(config, mixer: str, T: int, B: int):
+def lm_setup(config, mixer: str, T: int, B: int):
+    """The LM with `mixer` at block T from config.model, its jitted train step, a fresh train state and one
+    random (B, T) batch: (model config, parameter count, step, state, x, y)."""
     mc = lm_model_config(config, mixer, T)
     model = build_model(mc, seed=int(config.train.seed))
     n_params = param_counts(model)["total"]
@@ -226,7 +228,7 @@ def bench_lm(config, *, peak_flops: float, print_fn=print) -> list[dict]:
     for mixer in bc.lm_mixers:
         for T in sorted(int(t) for t in bc.lm_seq_lens):
             B = max(1, int(bc.lm_tokens_per_step) // T)
-            mc, n_params, step, state, x, y = _lm_setup(config, mixer, T, B)
+            mc, n_params, step, state, x, y = lm_setup(config, mixer, T, B)
             row = dict(series="lm", mixer=mixer, T=T, batch=B, tokens=B * T, d=mc.d_model, rank=mc.rank,
                        layers=mc.num_layers, params=n_params, tokens_constant=B * T == int(bc.lm_tokens_per_step))
             points.append(_Point(row, step, (state, x, y), stateful=True))
@@ -245,7 +247,7 @@ def compare_nnx_jit(config, *, T: int, reps: int, print_fn=print) -> dict[str, A
     B = max(1, int(config.bench.lm_tokens_per_step) // T)
     out = {"T": T, "batch": B}
     for mixer in config.bench.lm_mixers:
-        mc, _, step, state, x, y = _lm_setup(config, mixer, T, B)
+        mc, _, step, state, x, y = lm_setup(config, mixer, T, B)
         functional = step.lower(state, x, y).compile()
 
         model = build_model(mc, seed=int(config.train.seed))

@@ -1,0 +1,142 @@
+"""Where a train step's time goes: a jax.profiler trace of the LM train steps, summed per XLA op.
+
+For each mixer, the step (`make_train_step`: AdamW, clipping, jit, donated state) is compiled, warmed up and
+run `steps` times under `jax.profiler.trace`. Each executed XLA op (a fusion, a dot, a scatter...) is a
+trace event carrying its HLO name; their durations are summed per op and named after what they compute,
+read from the optimized HLO: the ops inside a fusion and the JAX operation that produced it (its
+`op_name` metadata, e.g. `transpose(jvp(...))/.../tok_embed/...`). The share of an op is its time over
+the summed time of all ops of the step.
+
+Outputs in workdir: profile.md (the top ops per mixer), results.json, and the trace itself under
+trace/<mixer>/ (open it in Perfetto, ui.perfetto.dev, or TensorBoard's profile plugin).
+"""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import json
+import pathlib
+import re
+import time
+
+import jax
+import ml_collections
+
+from grassjax.bench import timing
+from grassjax.bench.scaling import lm_setup
+
+# HLO ops too common to describe a fusion by (every fusion moves data around).
+_PLUMBING = {"parameter", "constant", "broadcast", "reshape", "bitcast", "copy", "tuple", "get-tuple-element",
+             "convert", "slice", "concatenate", "transpose", "iota", "compare", "select", "and", "or", "not"}
+
+
+def summarize_trace(trace_dir: pathlib.Path, module_prefix: str = "") -> dict[str, dict]:
+    """{hlo_op: {"us": total µs, "count": executions}} from the Perfetto trace under trace_dir."""
+    files = sorted(pathlib.Path(trace_dir).glob("**/*.trace.json.gz"))
+    if not files:
+        raise FileNotFoundError(f"no *.trace.json.gz under {trace_dir}: was jax.profiler.trace(create_perfetto_trace=True) used?")
+    events = json.load(gzip.open(files[-1]))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    ops: dict[str, dict] = collections.defaultdict(lambda: {"us": 0.0, "count": 0})
+    for e in events:
+        args = e.get("args") or {}
+        if e.get("ph") == "X" and "hlo_op" in args and str(args.get("hlo_module", "")).startswith(module_prefix):
+            ops[args["hlo_op"]]["us"] += float(e.get("dur", 0.0))
+            ops[args["hlo_op"]]["count"] += 1
+    return dict(ops)
+
+
+# One HLO instruction: `%name = shape op(operands), ...`; a shape is one token or a parenthesised tuple.
+_INSTRUCTION = re.compile(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(\([^)]*\)|\S+)\s+([\w\-]+)\(")
+# A computation's header: `%name (params) -> shape {` (ENTRY for the main one).
+_COMPUTATION = re.compile(r"\s*(?:ENTRY\s+)?%?([\w.\-]+)\s+\(.*\{\s*$")
+
+
+def describe_ops(hlo_text: str) -> dict[str, str]:
+    """{instruction name: what it computes} from optimized HLO text: for a fusion (or any op calling a
+    computation) the non-plumbing ops inside it, and the tail of the JAX op_name that produced it."""
+    bodies: dict[str, list[tuple[str, str, str, str]]] = {}  # computation -> [(name, shape, op, line)]
+    current = None
+    for line in hlo_text.splitlines():
+        instruction = _INSTRUCTION.match(line)
+        if instruction:
+            if current is not None:
+                bodies[current].append((*instruction.groups(), line))
+        elif _COMPUTATION.match(line):
+            current = _COMPUTATION.match(line).group(1)
+            bodies[current] = []
+    described = {}
+    for body in bodies.values():
+        for name, shape, op, line in body:
+            called = re.search(r"calls=%?([\w.\-]+)", line)
+            inside = collections.Counter(o for _, _, o, _ in bodies.get(called.group(1), [])
+                                         if o not in _PLUMBING) if called else collections.Counter()
+            kind = f"{op}[{'+'.join(o for o, _ in inside.most_common(4))}]" if inside else op
+            source = re.search(r'op_name="([^"]+)"', line)
+            where = source.group(1).removeprefix("jit(train_step)/") if source else ""
+            shape = re.sub(r"\{[^}]*\}", "", shape)  # drop layouts: f32[12,64,128]{2,1,0} -> f32[12,64,128]
+            described[name] = f"{kind} {shape}" + (f" <{where[-90:]}>" if where else "")
+    return described
+
+
+def profile_step(config, mixer: str, T: int, B: int, *, steps: int, warmup: int, trace_dir: pathlib.Path) -> dict:
+    """Trace `steps` train steps of the LM with `mixer`; returns its top ops with their shares."""
+    mc, n_params, step, state, x, y = lm_setup(config, mixer, T, B)
+    compiled = step.lower(state, x, y).compile()
+    untraced, state = timing.time_stateful(compiled, state, x, y, reps=steps, warmup=warmup)
+    t0 = time.perf_counter()
+    with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+        for _ in range(steps):
+            state, metrics = compiled(state, x, y)
+        jax.block_until_ready(metrics)
+    wall_ms = 1e3 * (time.perf_counter() - t0) / steps
+    ops = summarize_trace(trace_dir)
+    names = describe_ops(compiled.as_text())
+    total_us = sum(o["us"] for o in ops.values())
+    top = sorted(ops.items(), key=lambda kv: -kv[1]["us"])
+    rows = [dict(op=name, what=names.get(name, ""), ms_per_step=o["us"] / 1e3 / steps, share=o["us"] / total_us,
+                 calls_per_step=o["count"] / steps) for name, o in top]
+    return dict(mixer=mixer, T=T, batch=B, params=n_params, steps=steps, step_ms=1e3 * untraced.median_s,
+                step_iqr_ms=(1e3 * untraced.p25_s, 1e3 * untraced.p75_s), traced_wall_ms_per_step=wall_ms,
+                op_ms_per_step=total_us / 1e3 / steps, ops=rows)
+
+
+def format_profile(result: dict, top: int) -> str:
+    lines = [f"### {result['mixer']} LM, T = {result['T']}, batch {result['batch']} ({result['params']:,} parameters)",
+             "",
+             f"Step {result['step_ms']:.1f} ms untraced (median of {result['steps']}, IQR "
+             f"{result['step_iqr_ms'][0]:.1f}-{result['step_iqr_ms'][1]:.1f}); {result['steps']} traced steps: "
+             f"{result['traced_wall_ms_per_step']:.1f} ms/step wall under the tracer, of which "
+             f"{result['op_ms_per_step']:.1f} ms inside the {len(result['ops'])} distinct XLA ops (the rest: the "
+             "runtime between ops, and the tracer). Shares are of the time inside ops.",
+             "", "| # | op | share | ms/step | calls/step | what (ops inside, JAX source) |", "|---|---|---|---|---|---|"]
+    for i, r in enumerate(result["ops"][:top], 1):
+        lines.append(f"| {i} | `{r['op']}` | {100 * r['share']:.1f}% | {r['ms_per_step']:.2f} | "
+                     f"{r['calls_per_step']:.0f} | {r['what'].replace('|', '/')} |")
+    rest = sum(r["share"] for r in result["ops"][top:])
+    lines.append(f"| | the other {max(0, len(result['ops']) - top)} ops | {100 * rest:.1f}% | | | |")
+    return "\n".join(lines)
+
+
+def run_profile(config: ml_collections.ConfigDict, *, workdir, exp_name: str, data_dir=None,
+                wandb_mode: str | None = None) -> dict:
+    """Profile each of config.bench.mixers; writes profile.md and results.json. data_dir and wandb_mode are
+    accepted for the common runner signature and unused: batches are random tokens, nothing is logged."""
+    del data_dir, wandb_mode
+    bench, workdir = config.bench, pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    results = []
+    print(f"{exp_name}: {timing.machine_info().get('cpu', jax.devices()[0].device_kind)}, JAX {jax.__version__}, "
+          f"load average {timing.load_average()}")
+    for mixer in bench.mixers:
+        result = profile_step(config, mixer, int(bench.seq_len), int(bench.batch_size), steps=int(bench.steps),
+                              warmup=int(bench.warmup), trace_dir=workdir / "trace" / mixer)
+        results.append(result)
+        print(format_profile(result, int(bench.top)) + "\n")
+    report = "\n\n".join(format_profile(r, int(bench.top)) for r in results)
+    (workdir / "profile.md").write_text(f"# {exp_name}\n\n{report}\n")
+    out = dict(experiment=exp_name, config=config.to_dict(), machine=timing.machine_info(), results=results)
+    (workdir / "results.json").write_text(json.dumps(out, indent=2, default=str))
+    print(f"wrote {workdir / 'profile.md'}, {workdir / 'results.json'} and the traces under {workdir / 'trace'}")
+    return out
