@@ -102,6 +102,28 @@ def profile_step(config, mixer: str, T: int, B: int, *, steps: int, warmup: int,
                 op_ms_per_step=total_us / 1e3 / steps, ops=rows)
 
 
+_KINDS = (("matmul", ("dot", "convolution")), ("scatter / gather", ("scatter", "gather")),
+          ("transcendental (exp, log, tanh, ...)", ("exponential", "log", "tanh", "erf", "rsqrt", "sqrt", "power")),
+          ("reduction", ("reduce",)))
+
+
+def op_kind(what: str) -> str:
+    """A coarse kind for an op described by describe_ops: the first of _KINDS it contains, else elementwise."""
+    ops = what.split(" ")[0]
+    return next((kind for kind, keys in _KINDS if any(k in ops for k in keys)), "elementwise / copy / other")
+
+
+def by_kind(ops: list[dict]) -> list[dict]:
+    """Shares and op counts per kind, largest first."""
+    kinds: dict[str, dict] = collections.defaultdict(lambda: {"share": 0.0, "ms_per_step": 0.0, "ops": 0})
+    for op in ops:
+        kind = kinds[op_kind(op["what"])]
+        kind["share"] += op["share"]
+        kind["ms_per_step"] += op["ms_per_step"]
+        kind["ops"] += 1
+    return sorted(({"kind": k, **v} for k, v in kinds.items()), key=lambda r: -r["share"])
+
+
 def format_profile(result: dict, top: int) -> str:
     lines = [f"### {result['mixer']} LM, T = {result['T']}, batch {result['batch']} ({result['params']:,} parameters)",
              "",
@@ -116,6 +138,9 @@ def format_profile(result: dict, top: int) -> str:
                      f"{r['calls_per_step']:.0f} | {r['what'].replace('|', '/')} |")
     rest = sum(r["share"] for r in result["ops"][top:])
     lines.append(f"| | the other {max(0, len(result['ops']) - top)} ops | {100 * rest:.1f}% | | | |")
+    lines += ["", "By kind (an op is a matmul if it contains a dot, and so on down the list):", "",
+              "| kind | share | ms/step | distinct ops |", "|---|---|---|---|"]
+    lines += [f"| {k['kind']} | {100 * k['share']:.1f}% | {k['ms_per_step']:.2f} | {k['ops']} |" for k in by_kind(result["ops"])]
     return "\n".join(lines)
 
 
