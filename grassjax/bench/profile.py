@@ -31,7 +31,7 @@ _PLUMBING = {"parameter", "constant", "broadcast", "reshape", "bitcast", "copy",
              "convert", "slice", "concatenate", "transpose", "iota", "compare", "select", "and", "or", "not"}
 
 
-def summarize_trace(trace_dir: pathlib.Path, module_prefix: str = "") -> dict[str, dict]:
+def summarize_trace(trace_dir: pathlib.Path) -> dict[str, dict]:
     """{hlo_op: {"us": total µs, "count": executions}} from the Perfetto trace under trace_dir."""
     files = sorted(pathlib.Path(trace_dir).glob("**/*.trace.json.gz"))
     if not files:
@@ -41,7 +41,7 @@ def summarize_trace(trace_dir: pathlib.Path, module_prefix: str = "") -> dict[st
     ops: dict[str, dict] = collections.defaultdict(lambda: {"us": 0.0, "count": 0})
     for e in events:
         args = e.get("args") or {}
-        if e.get("ph") == "X" and "hlo_op" in args and str(args.get("hlo_module", "")).startswith(module_prefix):
+        if e.get("ph") == "X" and "hlo_op" in args:
             ops[args["hlo_op"]]["us"] += float(e.get("dur", 0.0))
             ops[args["hlo_op"]]["count"] += 1
     return dict(ops)
@@ -59,12 +59,12 @@ def describe_ops(hlo_text: str) -> dict[str, str]:
     bodies: dict[str, list[tuple[str, str, str, str]]] = {}  # computation -> [(name, shape, op, line)]
     current = None
     for line in hlo_text.splitlines():
-        instruction = _INSTRUCTION.match(line)
+        instruction, header = _INSTRUCTION.match(line), _COMPUTATION.match(line)
         if instruction:
             if current is not None:
                 bodies[current].append((*instruction.groups(), line))
-        elif _COMPUTATION.match(line):
-            current = _COMPUTATION.match(line).group(1)
+        elif header:
+            current = header.group(1)
             bodies[current] = []
     described = {}
     for body in bodies.values():

@@ -351,12 +351,10 @@ def compute_ratios(rows: list[dict], bc) -> dict[str, Any]:
     crossover = {}
     for kind in sorted({row["mixer"] for row in rows if row["series"] == "mixer" and row["mixer"].startswith("attention")}):
         Ts = sorted(row["T"] for row in rows if row["series"] == "mixer" and row["mixer"] == kind)
-        faster = [T for T in Ts if (_div(_lookup(rows, "mixer", "grassmann", T), _lookup(rows, "mixer", kind, T))
-                                     or float("inf")) < 1.0]
-        from_T = next((T for T in Ts if all(t in faster for t in Ts if t >= T)), None)
-        crossover[kind] = {"from_T": from_T, "T_measured": Ts,
-                           "grassmann_over_attention": {T: _div(_lookup(rows, "mixer", "grassmann", T),
-                                                                _lookup(rows, "mixer", kind, T)) for T in Ts}}
+        ratio = {T: _div(_lookup(rows, "mixer", "grassmann", T), _lookup(rows, "mixer", kind, T)) for T in Ts}
+        faster = {T for T, r in ratio.items() if r is not None and r < 1.0}
+        from_T = next((T for T in Ts if faster >= {t for t in Ts if t >= T}), None)
+        crossover[kind] = {"from_T": from_T, "T_measured": Ts, "grassmann_over_attention": ratio}
     ratios["grassmann_mixer_crossover"] = crossover
     return ratios
 
