@@ -60,8 +60,8 @@ def load_run(workdir: str | pathlib.Path, print_fn: Callable[[str], None] = prin
     """The model (newest good checkpoint), vocabulary and resolved config of a training run's workdir."""
     from grassjax.train.checkpoint import Checkpointer
     from grassjax.train.loop import model_config_from
-    from grassjax.train.optim import make_optimizer
-    from grassjax.train.step import TrainState
+    from grassjax.train.optim import train_hparams
+    from grassjax.train.step import init_train_state
 
     workdir = pathlib.Path(workdir)
     checkpoints = workdir / "checkpoints"
@@ -76,8 +76,7 @@ def load_run(workdir: str | pathlib.Path, print_fn: Callable[[str], None] = prin
     vocab = _load_vocab(workdir / "vocab.json")
     model = build_model(model_config_from(config, vocab.size), seed=config.train.seed)
     params = nnx.state(model, nnx.Param)
-    tx, _ = make_optimizer(config.train)
-    template = TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))  # the saved structure
+    template = init_train_state(params, train_hparams(config.train))  # the saved structure
     checkpointer = Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
     try:
         state = checkpointer.restore_newest_good(template, print_fn)

@@ -1,18 +1,16 @@
 """The head-to-head comparison end to end, and the cost of statistics on the train step."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
 from grassjax import wandb_offline
 from grassjax.nn import ModelConfig, build_model
-from grassjax.train.config import ConfigError
+from grassjax.train.config import ConfigError, default_config
+from grassjax.train.optim import train_hparams
 from grassjax.train.probe import make_probe
-from grassjax.train.step import TrainState, make_train_step
-from tests.conftest import TINY_OVERRIDES
+from grassjax.train.step import init_train_state, make_train_step
 from tests.test_train import run
 
 
@@ -58,8 +56,8 @@ def _small_state(mixer):
     cfg = ModelConfig(vocab_size=11, block_size=16, num_layers=1, d_model=16, num_heads=2, d_ff=32, rank=4,
                       offsets=(1, 2), mixer=mixer)
     graphdef, params = nnx.split(build_model(cfg), nnx.Param)
-    tx = optax.adam(1e-3)
-    return cfg, graphdef, tx, TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
+    hparams = train_hparams(default_config().train)
+    return cfg, graphdef, hparams, init_train_state(params, hparams)
 
 
 def test_train_step_contains_none_of_the_statistics_work():
@@ -70,10 +68,10 @@ def test_train_step_contains_none_of_the_statistics_work():
     """
     x = np.zeros((2, 16), np.int32)
     for mixer in ("attention", "grassmann"):
-        cfg, graphdef, tx, state = _small_state(mixer)
-        step = make_train_step(graphdef, tx, dropout=0.0, seed=0)
-        assert sorted(jax.eval_shape(step, state, x, x)[1]) == ["grad_norm", "loss", "update_norm"]
-        train_jaxpr = str(jax.make_jaxpr(step)(state, x, x))
+        cfg, graphdef, hparams, state = _small_state(mixer)
+        step = make_train_step(graphdef, dropout=0.0)
+        assert sorted(jax.eval_shape(step, state, x, x, hparams)[1]) == ["grad_norm", "loss", "update_norm"]
+        train_jaxpr = str(jax.make_jaxpr(step)(state, x, x, hparams))
         probe_jaxpr = str(jax.make_jaxpr(make_probe(graphdef, cfg))(state.params, x))
         if mixer == "attention":
             assert train_jaxpr.count(" log ") == 1 < probe_jaxpr.count(" log ")

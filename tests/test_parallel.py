@@ -23,6 +23,8 @@ SCRIPT = textwrap.dedent('''
     from grassjax.nn import ModelConfig, build_model
     from grassjax.train.checkpoint import Checkpointer
     from grassjax.train.parallel import make_mesh, replicate, shard_global_batch
+    from grassjax.train.config import default_config
+    from grassjax.train.optim import train_hparams
     from grassjax.train.step import TrainState, make_train_step
 
     assert jax.device_count() == 4, jax.devices()
@@ -40,13 +42,14 @@ SCRIPT = textwrap.dedent('''
 
     def run(devices, accum=1, steps=3):
         mesh = make_mesh(jax.devices()[:devices])
+        hparams = replicate(train_hparams(default_config().train), mesh)  # only its seed is used (no dropout)
         state = fresh_state(mesh)
-        step = make_train_step(graphdef, tx, dropout=0.0, seed=0, grad_accum_steps=accum)
+        step = make_train_step(graphdef, dropout=0.0, grad_accum_steps=accum, optimizer=lambda _: tx)
         xs, ys = shard_global_batch(x, mesh), shard_global_batch(y, mesh)
         assert len(xs.sharding.device_set) == devices
         losses = []
         for _ in range(steps):
-            state, metrics = step(state, xs, ys)
+            state, metrics = step(state, xs, ys, hparams)
             losses.append(float(metrics["loss"]))
         return state, losses
 

@@ -14,8 +14,8 @@ from experiments.benchmarks import benchmark_vs_pytorch, benchmark_vs_pytorch_gp
 from grassjax.bench import torch_port  # noqa: E402
 from grassjax.bench.vs_pytorch import run_vs_pytorch_benchmark  # noqa: E402
 from grassjax.nn import ModelConfig, build_model  # noqa: E402
-from grassjax.train.optim import make_optimizer  # noqa: E402
-from grassjax.train.step import TrainState, cross_entropy, make_train_step  # noqa: E402
+from grassjax.train.optim import train_hparams  # noqa: E402
+from grassjax.train.step import cross_entropy, init_train_state, make_train_step  # noqa: E402
 
 # init_std 0.2: logits far from uniform, so a wrong layer shows in the loss.
 SMALL = dict(vocab_size=65, block_size=32, num_layers=2, d_model=32, num_heads=4, d_ff=64, rank=8,
@@ -44,13 +44,13 @@ def test_same_weights_same_loss_and_same_training(mixer, norm):
 
     train_cfg = grassmann_shakespeare().train
     train_cfg.update(learning_rate=1e-2, warmup_steps=1, steps=10, grad_clip=0.5)
-    tx, _ = make_optimizer(train_cfg)
-    step = make_train_step(graphdef, tx, dropout=0.0, seed=0)
-    state = TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
+    hparams = train_hparams(train_cfg)
+    step = make_train_step(graphdef, dropout=0.0)
+    state = init_train_state(params, hparams)
     opt, sched = torch_port.make_optimizer(port, train_cfg)
     torch_step = torch_port.make_train_step(port, opt, sched, grad_clip=0.5)
     for i in range(3):
-        state, metrics = step(state, x, y)
+        state, metrics = step(state, x, y, hparams)
         loss = torch_step(xt, yt)
         assert abs(float(metrics["loss"]) - float(loss)) < 1e-4, i
 

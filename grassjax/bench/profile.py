@@ -82,13 +82,13 @@ def describe_ops(hlo_text: str) -> dict[str, str]:
 
 def profile_step(config, mixer: str, T: int, B: int, *, steps: int, warmup: int, trace_dir: pathlib.Path) -> dict:
     """Trace `steps` train steps of the LM with `mixer`; returns its top ops with their shares."""
-    mc, n_params, step, state, x, y = lm_setup(config, mixer, T, B)
-    compiled = step.lower(state, x, y).compile()
-    untraced, state = timing.time_stateful(compiled, state, x, y, reps=steps, warmup=warmup)
+    mc, n_params, step, state, args = lm_setup(config, mixer, T, B)
+    compiled = step.lower(state, *args).compile()
+    untraced, state = timing.time_stateful(compiled, state, *args, reps=steps, warmup=warmup)
     t0 = time.perf_counter()
     with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
         for _ in range(steps):
-            state, metrics = compiled(state, x, y)
+            state, metrics = compiled(state, *args)
         jax.block_until_ready(metrics)
     wall_ms = 1e3 * (time.perf_counter() - t0) / steps
     ops = summarize_trace(trace_dir)

@@ -23,9 +23,9 @@ from grassjax import functional as F
 from grassjax.bench import timing
 from grassjax.compiled import compiled_flops, compiled_memory
 from grassjax.nn import ModelConfig, build_model, param_counts
-from grassjax.train.optim import make_optimizer
+from grassjax.train.optim import make_optimizer, train_hparams
 from grassjax.train.run_logger import RunLogger
-from grassjax.train.step import TrainState, make_train_step
+from grassjax.train.step import init_train_state, make_train_step
 
 MIB = 2**20
 # attention_cudnn: jax.nn's cuDNN flash attention, on an NVIDIA GPU in bfloat16/float16 only.
@@ -208,18 +208,19 @@ def lm_model_config(config: ml_collections.ConfigDict, mixer: str, block_size: i
 
 def lm_setup(config, mixer: str, T: int, B: int):
     """The LM with `mixer` at block T from config.model, its jitted train step, a fresh train state and one
-    random (B, T) batch: (model config, parameter count, step, state, x, y)."""
+    random (B, T) batch: (model config, parameter count, step, state, args), where step(state, *args) is one
+    train step (args = (x, y, hparams))."""
     mc = lm_model_config(config, mixer, T)
     model = build_model(mc, seed=int(config.train.seed))
     n_params = param_counts(model)["total"]
     graphdef, params = nnx.split(model, nnx.Param)
-    tx, _ = make_optimizer(config.train)
-    state = TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))
-    step = make_train_step(graphdef, tx, dropout=mc.dropout, seed=int(config.train.seed))
+    hparams = train_hparams(config.train)
+    state = init_train_state(params, hparams)
+    step = make_train_step(graphdef, dropout=mc.dropout)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.integers(0, mc.vocab_size, (B, T)), jnp.int32)
     y = jnp.asarray(rng.integers(0, mc.vocab_size, (B, T)), jnp.int32)
-    return mc, n_params, step, state, x, y
+    return mc, n_params, step, state, (x, y, hparams)
 
 
 def bench_lm(config, *, peak_flops: float, print_fn=print) -> list[dict]:
@@ -228,10 +229,10 @@ def bench_lm(config, *, peak_flops: float, print_fn=print) -> list[dict]:
     for mixer in bc.lm_mixers:
         for T in sorted(int(t) for t in bc.lm_seq_lens):
             B = max(1, int(bc.lm_tokens_per_step) // T)
-            mc, n_params, step, state, x, y = lm_setup(config, mixer, T, B)
+            mc, n_params, step, state, args = lm_setup(config, mixer, T, B)
             row = dict(series="lm", mixer=mixer, T=T, batch=B, tokens=B * T, d=mc.d_model, rank=mc.rank,
                        layers=mc.num_layers, params=n_params, tokens_constant=B * T == int(bc.lm_tokens_per_step))
-            points.append(_Point(row, step, (state, x, y), stateful=True))
+            points.append(_Point(row, step, (state, *args), stateful=True))
     return _run_points(points, bc, peak_flops=peak_flops, print_fn=print_fn)
 
 
@@ -247,12 +248,12 @@ def compare_nnx_jit(config, *, T: int, reps: int, print_fn=print) -> dict[str, A
     B = max(1, int(config.bench.lm_tokens_per_step) // T)
     out = {"T": T, "batch": B}
     for mixer in config.bench.lm_mixers:
-        mc, _, step, state, x, y = lm_setup(config, mixer, T, B)
-        functional = step.lower(state, x, y).compile()
+        mc, _, step, state, args = lm_setup(config, mixer, T, B)
+        functional = step.lower(state, *args).compile()
+        x, y, hparams = args
 
         model = build_model(mc, seed=int(config.train.seed))
-        tx, _ = make_optimizer(config.train)
-        optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+        optimizer = nnx.Optimizer(model, make_optimizer(hparams), wrt=nnx.Param)
 
         @nnx.jit(donate_argnums=(0, 1))
         def nnx_step(model, optimizer, x, y):
@@ -263,12 +264,12 @@ def compare_nnx_jit(config, *, T: int, reps: int, print_fn=print) -> dict[str, A
         cached = nnx.cached_partial(nnx_step, model, optimizer)
         for _ in range(2):
             jax.block_until_ready(cached(x, y))
-            state, m = functional(state, x, y)
+            state, m = functional(state, *args)
             jax.block_until_ready(m)
         t_fun, t_nnx = [], []
         for _ in range(reps):
             t0 = time.perf_counter()
-            state, m = functional(state, x, y)
+            state, m = functional(state, *args)
             jax.block_until_ready(m)
             t1 = time.perf_counter()
             jax.block_until_ready(cached(x, y))

@@ -27,9 +27,9 @@ from flax import nnx
 from grassjax.bench import timing
 from grassjax.bench.scaling import lm_model_config
 from grassjax.nn import build_model, param_counts
-from grassjax.train.optim import make_optimizer
+from grassjax.train.optim import train_hparams
 from grassjax.train.run_logger import RunLogger
-from grassjax.train.step import TrainState, cross_entropy, make_train_step
+from grassjax.train.step import cross_entropy, init_train_state, make_train_step
 
 
 def _torch():
@@ -59,12 +59,12 @@ def _setup(config, mixer: str, T: int, B: int, frameworks, print_fn):
     jax_loss = float(jax.jit(lambda p: cross_entropy(nnx.merge(graphdef, p)(x), y))(params))
     steps, info = {}, dict(params=param_counts(model)["total"], losses={"jax": jax_loss})
 
-    tx, _ = make_optimizer(config.train)
-    jax_step = make_train_step(graphdef, tx, dropout=0.0, seed=int(config.train.seed))
-    holder = {"state": TrainState(params, tx.init(params), jnp.zeros((), jnp.int32))}
+    hparams = train_hparams(config.train)
+    jax_step = make_train_step(graphdef, dropout=0.0)
+    holder = {"state": init_train_state(params, hparams)}
 
     def run_jax():
-        holder["state"], metrics = jax_step(holder["state"], x, y)
+        holder["state"], metrics = jax_step(holder["state"], x, y, hparams)
         jax.block_until_ready(metrics["loss"])
 
     steps["jax"] = run_jax

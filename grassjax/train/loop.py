@@ -14,7 +14,6 @@ import time
 from typing import Any, Callable
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx
@@ -25,10 +24,10 @@ from grassjax.compiled import compiled_flops, compiled_memory_bytes
 from grassjax.nn import ModelConfig, build_model, param_counts
 from grassjax.train.checkpoint import Checkpointer
 from grassjax.train.evaluate import Evaluator
-from grassjax.train.optim import make_optimizer
+from grassjax.train.optim import TrainHparams, learning_rate_schedule, train_hparams
 from grassjax.train.parallel import batch_layout, make_mesh, replicate, shard_global_batch
 from grassjax.train.run_logger import RunLogger, rewind_metrics
-from grassjax.train.step import TrainState, make_train_step
+from grassjax.train.step import TrainState, init_train_state, make_train_step
 from grassjax.train.workdir import WorkdirError, WorkdirLock, check_resume, describe_os_error, prepare_workdir
 
 
@@ -156,8 +155,9 @@ class Trainer:
     graphdef: Any
     counts: dict[str, int]
     state: TrainState  # freshly initialised, replicated over the mesh
-    schedule: Callable
-    train_step: Callable  # jitted, not yet compiled
+    hparams: TrainHparams  # the train step's last argument, replicated
+    schedule: Callable  # the learning rate at a step, for the logs
+    train_step: Callable  # jitted, not yet compiled: train_step(state, x, y, hparams)
     layout: Any
     mesh: Any
 
@@ -174,11 +174,13 @@ class Trainer:
         model_cfg = model_config_from(config, dataset.vocab.size)
         model = build_model(model_cfg, seed=tc.seed)
         graphdef, params = nnx.split(model, nnx.Param)
-        tx, schedule = make_optimizer(tc)
-        state = replicate(TrainState(params, tx.init(params), jnp.zeros((), jnp.int32)), mesh)
-        train_step = make_train_step(graphdef, tx, dropout=model_cfg.dropout, seed=tc.seed,
-                                     grad_accum_steps=layout.grad_accum_steps)
-        return cls(config, dataset, model_cfg, graphdef, param_counts(model), state, schedule, train_step, layout, mesh)
+        hparams = train_hparams(tc)
+        state = replicate(init_train_state(params, hparams), mesh)
+        schedule = learning_rate_schedule(learning_rate=tc.learning_rate, min_lr=tc.min_lr,
+                                          warmup_steps=tc.warmup_steps, steps=tc.steps)
+        train_step = make_train_step(graphdef, dropout=model_cfg.dropout, grad_accum_steps=layout.grad_accum_steps)
+        return cls(config, dataset, model_cfg, graphdef, param_counts(model), state, replicate(hparams, mesh),
+                   schedule, train_step, layout, mesh)
 
     def batch_at(self, step: int):
         """The global batch of `step`, sharded over the mesh: a pure function of (seed, step)."""
@@ -288,7 +290,7 @@ def _loop(run: _Run, *, exp_name: str, wandb_mode: str | None, print_fn, stop: S
                 step_memory, step_flops = finished["step_memory_bytes"], finished["step_flops"]
             else:
                 t0 = time.perf_counter()  # compile ahead of the loop so that step times exclude compilation
-                train_step = run.train_step.lower(state, *run.batch_at(start_step)).compile()
+                train_step = run.train_step.lower(state, *run.batch_at(start_step), run.hparams).compile()
                 compile_time = time.perf_counter() - t0
                 step_memory, step_flops = compiled_memory_bytes(train_step), compiled_flops(train_step)
                 logger.log({"perf/compile_time_s": compile_time} if step_memory is None else
@@ -298,7 +300,7 @@ def _loop(run: _Run, *, exp_name: str, wandb_mode: str | None, print_fn, stop: S
             clock = TrainClock(run.elapsed_s)  # step times are windows of this clock
             window_elapsed, window_step = clock.elapsed(), start_step
             while step < stop_at and not stop.requested:
-                state, metrics = train_step(state, *run.batch_at(step))
+                state, metrics = train_step(state, *run.batch_at(step), run.hparams)
                 step += 1
                 if step % tc.log_every == 0 or step == stop_at:
                     loss = run.check_finite(metrics, step)  # waits for the step: training time

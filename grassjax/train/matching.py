@@ -50,18 +50,18 @@ def time_train_step(cfg, data_dir: str | None, *, steps: int, repeats: int = PRO
     does at each log; compilation and `warmup` untimed steps come first."""
     trainer = Trainer.build(cfg, data_dir)
     t0 = time.perf_counter()
-    step_fn = trainer.train_step.lower(trainer.state, *trainer.batch_at(0)).compile()
+    step_fn = trainer.train_step.lower(trainer.state, *trainer.batch_at(0), trainer.hparams).compile()
     compile_s = time.perf_counter() - t0
     state, i = trainer.state, 0
     for _ in range(warmup):
-        state, metrics = step_fn(state, *trainer.batch_at(i))
+        state, metrics = step_fn(state, *trainer.batch_at(i), trainer.hparams)
         i += 1
     jax.block_until_ready(metrics)
     per_step = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(steps):
-            state, metrics = step_fn(state, *trainer.batch_at(i))
+            state, metrics = step_fn(state, *trainer.batch_at(i), trainer.hparams)
             i += 1
         float(metrics["loss"])  # blocks, like the loop's check at each log
         per_step.append((time.perf_counter() - t0) / steps)

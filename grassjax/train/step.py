@@ -8,12 +8,14 @@ plain pytrees. This keeps NNX's Python graph traversal out of the hot path.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+
+from grassjax.train.optim import TrainHparams, make_optimizer
 
 
 class TrainState(NamedTuple):
@@ -27,18 +29,21 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, *, dropout: float, seed: int,
-                    grad_accum_steps: int = 1):
-    """Returns train_step(state, x, y) -> (state, metrics), jitted with the state donated.
+def make_train_step(graphdef, *, dropout: float, grad_accum_steps: int = 1,
+                    optimizer: Callable[[TrainHparams], optax.GradientTransformation] = make_optimizer):
+    """Returns train_step(state, x, y, hparams) -> (state, metrics), jitted with the state donated.
 
-    Dropout keys are fold_in(seed, step), so a resumed run draws the same masks.
+    `hparams` (`train_hparams(config.train)`) carries the optimizer's numbers and the seed as data, so one
+    compiled step serves every learning rate, schedule length and seed of a model and batch shape.
+    `optimizer(hparams)` builds the update rule inside the step (AdamW by default; its state must come from
+    the same function).
+    Dropout keys are fold_in(key(seed), step), so a resumed run draws the same masks.
     With grad_accum_steps = k > 1 the (B, T) batch is split into k microbatches
     (rows i, i+k, i+2k, ... -- so each stays spread over every device of a
     data-parallel mesh) whose gradients are averaged by a lax.scan: one
     optimizer update equal to the full-batch one, at 1/k of the activation memory.
     """
     use_dropout = dropout > 0
-    base_key = jax.random.key(seed)
 
     def loss_fn(params, x, y, key):
         model = nnx.merge(graphdef, params)
@@ -62,15 +67,20 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, dropout: floa
         (loss_sum, grad_sum), _ = jax.lax.scan(accumulate, (jnp.zeros(()), zeros), (split(x), split(y), jnp.arange(k)))
         return loss_sum / k, jax.tree_util.tree_map(lambda g: g / k, grad_sum)
 
-    def train_step(state: TrainState, x, y):
-        key = jax.random.fold_in(base_key, state.step)
+    def train_step(state: TrainState, x, y, hparams: TrainHparams):
+        key = jax.random.fold_in(jax.random.key(hparams.seed), state.step)
         loss, grads = loss_and_grads(state.params, x, y, key)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        updates, opt_state = optimizer(hparams).update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "update_norm": optax.tree.norm(updates)}
         return TrainState(params, opt_state, state.step + 1), metrics
 
     return jax.jit(train_step, donate_argnums=0)
+
+
+def init_train_state(params, hparams: TrainHparams) -> TrainState:
+    """Step 0: `params` and a fresh optimizer state (its structure is what a checkpoint holds)."""
+    return TrainState(params, make_optimizer(hparams).init(params), jnp.zeros((), jnp.int32))
 
 
 def make_eval_step(graphdef):
