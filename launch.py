@@ -34,6 +34,10 @@ flags.DEFINE_integer("num_samples", 1, "--mode=sample: how many samples.")
 flags.DEFINE_integer("seed", 0, "--mode=sample: random seed.")
 flags.DEFINE_string("split", "val", "--mode=evaluate: train, val (or test on WikiText-2).")
 flags.DEFINE_integer("stride", 0, "--mode=evaluate: window stride in tokens (0 = block size: non-overlapping).")
+flags.DEFINE_string("compile_cache", os.path.join("~", ".cache", "grassjax", "xla"),
+                    "Folder that keeps compiled XLA programs for later runs: a rerun, a resumed run or a tuning trial "
+                    "at another learning rate compiles in about a second. '' turns it off; $JAX_COMPILATION_CACHE_DIR "
+                    "wins where set. Benchmarks do not use it (they measure compilation).")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (enables jax.distributed).")
 flags.DEFINE_integer("num_processes", None, "Multi-host: total number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: index of this process (0 logs and writes checkpoints).")
@@ -58,6 +62,27 @@ def parse_flags(argv: list[str]) -> list[str]:
         return FLAGS(argv[:1] + rest)
     except flags.Error as err:
         fail(f"{err}. Run python launch.py --help for the flags.")
+
+
+def use_compile_cache(folder: str, exp_name: str | None) -> None:
+    """JAX's persistent compilation cache in `folder` (see --compile_cache). Programs are keyed by their HLO, the
+    JAX version and the flags, so a stale entry is never used; XLA:CPU refuses one built for another CPU."""
+    measures_compilation = exp_name in experiments.EXPERIMENTS and \
+        experiments.EXPERIMENTS[exp_name].runner.startswith(("benchmark", "profile"))
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or not folder or measures_compilation:
+        return
+    folder = os.path.expanduser(folder)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(13, "not writable")
+    except OSError as err:
+        print(f"compile cache off: cannot write {folder} ({err.strerror}); pass --compile_cache=DIR, or "
+              f"--compile_cache='' to silence this", file=sys.stderr)
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", folder)
 
 
 def use_trained_run(mode: str, workdir: str):
@@ -101,6 +126,7 @@ def main(argv):
             os._exit(2)
         fail(str(err))
     _, overrides = split_overrides(sys.argv[1:])  # parse_flags has checked them
+    use_compile_cache(FLAGS.compile_cache, FLAGS.exp if FLAGS.mode == "train" else None)
     try:
         if FLAGS.print_config:
             print(experiments.resolve_config(FLAGS.exp, overrides)[1])

@@ -34,6 +34,27 @@ def train_losses(workdir):
     return {r["step"]: r["train/loss"] for r in read_metrics_jsonl(workdir / "metrics.jsonl") if "train/loss" in r}
 
 
+def test_compile_cache_serves_the_next_run_at_another_learning_rate_and_seed(tmp_path, text_data_dir, monkeypatch):
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)  # the suite's own cache would win
+    cache = tmp_path / "xla"
+    args = ["--exp=grassmann_shakespeare", f"--data_dir={text_data_dir}", "--wandb_mode=disabled",
+            f"--compile_cache={cache}", *overrides_as_flags({**TINY_OVERRIDES, "train.steps": "4",
+                                                              "train.eval_every": "4"})]
+    assert cli(*args, f"--workdir={tmp_path / 'a'}").returncode == 0
+    first = set(os.listdir(cache))
+    assert any(name.startswith("jit_train_step-") for name in first), sorted(first)
+    # The optimizer's numbers and the seed are data to the step, not constants in it: the same program.
+    proc = cli(*args, f"--workdir={tmp_path / 'b'}", "--config.train.learning_rate=3e-3", "--config.train.seed=5")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not any(name.startswith("jit_train_step-") for name in set(os.listdir(cache)) - first)
+    # A folder it cannot write: one line, and the command goes on.
+    proc = cli("--exp=grassmann_shakespeare", "--print_config", "--compile_cache=/proc/no-such-dir")
+    assert proc.returncode == 0 and "model:" in proc.stdout
+    assert [l for l in proc.stderr.splitlines() if "compile cache" in l] == [
+        "compile cache off: cannot write /proc/no-such-dir (No such file or directory); pass --compile_cache=DIR, "
+        "or --compile_cache='' to silence this"]
+
+
 def test_cli_end_to_end_offline_logs_everywhere(tmp_path, text_data_dir):
     workdir = tmp_path / "run"
     proc = cli("--exp=grassmann_shakespeare", f"--workdir={workdir}", f"--data_dir={text_data_dir}",
