@@ -1,5 +1,6 @@
 """The ablation experiment: arms x seeds through the comparison, with gaps, perplexity ratios and a waterfall."""
 
+import dataclasses
 import json
 import math
 
@@ -52,6 +53,24 @@ def test_waterfall_and_gap_columns_from_known_losses():
     assert f"| {0.4:+.4f} | {math.exp(0.4):.3f} | {100 * (2.3 / 1.9 - 1):+.2f}% |" in table_row
     waterfall_row = next(l for l in text.split("## Waterfall")[1].splitlines() if l.startswith("| better |"))
     assert "| +50.0% |" in waterfall_row and "| offsets=(1, 2) |" in waterfall_row
+
+
+def test_an_arm_whose_val_loss_rises_after_its_best_is_called_overfitted():
+    # The Transformer's sampled val loss bottoms out at step 10 and ends 0.5 nats higher; the Grassmann arm's
+    # still falls (fake_result), so only the Transformer is named.
+    rising = dataclasses.replace(fake_result(1.8), history=[{"step": 5, "val/loss": 1.6}, {"step": 10, "val/loss": 1.5},
+                                                            {"step": 15, "val/loss": 2.0}])
+    results = {"grassmann": [fake_result(2.2)], "transformer": [rising, dataclasses.replace(rising)]}
+    rows = compare.summarise(results, fake_evals({"grassmann": [2.25], "transformer": [2.1, 2.1]}))
+    by_arm = {r["arm"]: r for r in rows}
+    assert by_arm["transformer"]["overfit"] == pytest.approx(0.5) and by_arm["transformer"]["best_step"] == 10
+    assert by_arm["grassmann"]["overfit"] == 0.0 and by_arm["grassmann"]["best_step"] == 10
+    text = compare.report_markdown(rows, {}, exp_name="x", steps=15, baseline="transformer")
+    assert "**Overfitting.** The last sampled val loss ends `transformer` 0.500 nats above its best (reached at " \
+           "step 10)" in text and "`grassmann`" not in text.split("**Overfitting.**")[1].split("\n")[0]
+    calm = compare.summarise({"grassmann": [fake_result(2.2)], "transformer": [fake_result(1.8)]},
+                             fake_evals({"grassmann": [2.25], "transformer": [1.9]}))
+    assert "Overfitting" not in compare.report_markdown(calm, {}, exp_name="x", steps=10, baseline="transformer")
 
 
 def test_tiny_ablation_end_to_end(tmp_path, text_data_dir):

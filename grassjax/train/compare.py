@@ -44,20 +44,31 @@ def mean_std(values) -> tuple[float, float]:
     return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
+# An arm whose last sampled val loss ends this far above its best (nats, mean over seeds) has overfitted: the report
+# says so, because the final model's whole-split loss then measures the overfitting as well as the architecture.
+OVERFIT_NATS = 0.05
+
+
 def summarise(results: dict[str, list[TrainResult]], evals: dict[str, list[dict]]) -> list[dict]:
     """One row per arm: means (and std over seeds) of the headline numbers.
 
     The final numbers (val_loss, bpc) are from the evaluation over the whole validation split
-    (grassjax.trained.evaluate_run); best_val_loss is the sampled-window estimate the curves use.
+    (grassjax.trained.evaluate_run); best_val_loss is the sampled-window estimate the curves use, best_step
+    where it was reached, and overfit how far the last sampled estimate ended above it.
     """
     rows = []
     for arm, runs in results.items():
         loss_mean, loss_std = mean_std([r.best_val_loss for r in runs])
+        evals_of = [[h for h in r.history if "val/loss" in h] for r in runs]
+        best_step = float(np.mean([min(h, key=lambda e: e["val/loss"])["step"] for h in evals_of])) \
+            if all(evals_of) else math.nan
+        overfit = float(np.mean([h[-1]["val/loss"] - min(e["val/loss"] for e in h) for h in evals_of])) \
+            if all(evals_of) else math.nan
         full_mean, full_std = mean_std([e["loss"] for e in evals[arm]])
         rows.append(dict(
             arm=arm, seeds=len(runs), params=runs[0].params["total"],
             val_loss=full_mean, val_loss_std=full_std, val_tokens=evals[arm][0]["tokens_scored"],
-            best_val_loss=loss_mean, best_val_loss_std=loss_std,
+            best_val_loss=loss_mean, best_val_loss_std=loss_std, best_step=best_step, overfit=overfit,
             bpc=full_mean / math.log(2), bpc_std=full_std / math.log(2),
             tokens_per_s=float(np.mean([r.tokens_per_s for r in runs])),
             step_time_ms=float(np.mean([r.step_time_ms for r in runs])),
@@ -158,6 +169,14 @@ def report_markdown(rows: list[dict], samples: dict[str, str], *, exp_name: str,
         gap = 100 * (r["val_loss"] / base["val_loss"] - 1)
         lines.append(f"| {r['name']} | — | {r['val_loss']:.4f} | {delta:+.4f} | {math.exp(delta):.3f} | {gap:+.2f}% | "
                      f"{r['val_bpc']:.3f} | — | — | — | — | — | — | — | {r['fit_s'] + r['score_s']:.1f} | — |")
+    overfitted = [r for r in rows if r.get("overfit", 0.0) > OVERFIT_NATS]
+    if overfitted:
+        each = ", ".join(f"`{r['arm']}` {r['overfit']:.3f} nats above its best (reached at step {r['best_step']:,.0f})"
+                         for r in sorted(overfitted, key=lambda r: -r["overfit"]))
+        lines += ["", f"**Overfitting.** The last sampled val loss ends {each}, mean over seeds. The whole-split "
+                  "columns are the final models', so they measure how much each arm overfits as well as the "
+                  "architecture: compare the best (sampled) column, or rerun with --config.train.steps near the best "
+                  "step."]
     if ngram_rows:
         lines += ["", "n-gram rows: interpolated Kneser–Ney fitted on the training split and scored on every "
                   "validation token with up to its context length before it (grassjax.baselines); drawn as dashed "
