@@ -60,11 +60,13 @@ def test_an_arm_whose_val_loss_rises_after_its_best_is_called_overfitted():
     # still falls (fake_result), so only the Transformer is named.
     rising = dataclasses.replace(fake_result(1.8), history=[{"step": 5, "val/loss": 1.6}, {"step": 10, "val/loss": 1.5},
                                                             {"step": 15, "val/loss": 2.0}])
-    results = {"grassmann": [fake_result(2.2)], "transformer": [rising, dataclasses.replace(rising)]}
+    untimed = dataclasses.replace(rising, step_time_ms=math.nan, tokens_per_s=math.nan)  # resumed at its end
+    results = {"grassmann": [fake_result(2.2)], "transformer": [rising, untimed]}
     rows = compare.summarise(results, fake_evals({"grassmann": [2.25], "transformer": [2.1, 2.1]}))
     by_arm = {r["arm"]: r for r in rows}
     assert by_arm["transformer"]["overfit"] == pytest.approx(0.5) and by_arm["transformer"]["best_step"] == 10
     assert by_arm["grassmann"]["overfit"] == 0.0 and by_arm["grassmann"]["best_step"] == 10
+    assert by_arm["transformer"]["step_time_ms"] == 10.0 and by_arm["transformer"]["tokens_per_s"] == 100.0
     text = compare.report_markdown(rows, {}, exp_name="x", steps=15, baseline="transformer")
     assert "**Overfitting.** The last sampled val loss ends `transformer` 0.500 nats above its best (reached at " \
            "step 10)" in text and "`grassmann`" not in text.split("**Overfitting.**")[1].split("\n")[0]

@@ -399,8 +399,8 @@ def format_table(rows: list[dict], series: str) -> str:
     rows = [r for r in rows if r["series"] == series]
     if not rows:
         return ""
-    head = (f"| mixer | T | batch | tokens | step ms (median) | IQR ms | min-max ms | tokens/s | compile s | "
-            f"GFLOP/step | MFU | peak mem MiB |")
+    head = ("| mixer | T | batch | tokens | step ms (median) | IQR ms | min-max ms | tokens/s | compile s | "
+            "GFLOP/step | MFU | peak mem MiB |")
     lines = [head, "|" + "|".join(["---"] * 12) + "|"]
     for r in rows:
         tokens = f"{r['tokens']}" + ("" if r["tokens_constant"] else "*")

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from grassjax.compiled import compiled_flops, compiled_memory, compiled_memory_bytes  # noqa: F401 (re-exported)
+from grassjax.compiled import compiled_memory_bytes
 
 
 @dataclasses.dataclass(frozen=True)

@@ -70,8 +70,8 @@ def summarise(results: dict[str, list[TrainResult]], evals: dict[str, list[dict]
             val_loss=full_mean, val_loss_std=full_std, val_tokens=evals[arm][0]["tokens_scored"],
             best_val_loss=loss_mean, best_val_loss_std=loss_std, best_step=best_step, overfit=overfit,
             bpc=full_mean / math.log(2), bpc_std=full_std / math.log(2),
-            tokens_per_s=float(np.mean([r.tokens_per_s for r in runs])),
-            step_time_ms=float(np.mean([r.step_time_ms for r in runs])),
+            tokens_per_s=_finite_mean([r.tokens_per_s for r in runs]),  # a run resumed at its end timed no step
+            step_time_ms=_finite_mean([r.step_time_ms for r in runs]),
             step_memory_mb=_scaled(runs[0].step_memory_bytes, 2**20),  # nan where XLA gives no number
             gflops_per_step=_scaled(runs[0].step_flops, 1e9),
             wall_time_s=float(np.mean([r.wall_time_s for r in runs])),
@@ -80,6 +80,12 @@ def summarise(results: dict[str, list[TrainResult]], evals: dict[str, list[dict]
             train_time_s=float(np.mean([r.train_time_s for r in runs])),  # perf/elapsed_s at the end
         ))
     return rows
+
+
+def _finite_mean(values) -> float:
+    """Mean of the finite values (nan if none)."""
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan
 
 
 def _scaled(value, unit: float) -> float:

@@ -283,19 +283,8 @@ def _loop(run: _Run, *, exp_name: str, wandb_mode: str | None, print_fn, stop: S
     _announce(run, logger, identity["name"], print_fn)
     try:
         with logger, progress, contextlib.closing(run.checkpointer) as checkpointer:
-            # A rerun of a finished run trains nothing: it keeps what its training measured and compiles no step.
             finished = _finished_result(run.workdir, start_step) if start_step >= stop_at else None
-            if finished is not None:
-                train_step, compile_time = None, finished["compile_time_s"]
-                step_memory, step_flops = finished["step_memory_bytes"], finished["step_flops"]
-            else:
-                t0 = time.perf_counter()  # compile ahead of the loop so that step times exclude compilation
-                train_step = run.train_step.lower(state, *run.batch_at(start_step), run.hparams).compile()
-                compile_time = time.perf_counter() - t0
-                step_memory, step_flops = compiled_memory_bytes(train_step), compiled_flops(train_step)
-                logger.log({"perf/compile_time_s": compile_time} if step_memory is None else
-                           {"perf/compile_time_s": compile_time, "perf/step_memory_mb": step_memory / 2**20},
-                           step=start_step)
+            train_step, compile_time, step_memory, step_flops = _compile_step(run, state, start_step, logger, finished)
             run_start = time.perf_counter()
             clock = TrainClock(run.elapsed_s)  # step times are windows of this clock
             window_elapsed, window_step = clock.elapsed(), start_step
@@ -364,6 +353,21 @@ def _loop(run: _Run, *, exp_name: str, wandb_mode: str | None, print_fn, stop: S
              f"| {result.step_time_ms:.1f} ms/step, {result.tokens_per_s:,.0f} tok/s, compile {compile_time:.1f}s")
     print_fn("sample:\n" + sample)
     return result
+
+
+def _compile_step(run: _Run, state, step: int, logger: RunLogger, finished: dict | None):
+    """(compiled train step, compile seconds, XLA's memory estimate, FLOPs), compiled ahead of the loop so that
+    step times exclude it. A rerun of a finished run trains nothing: it keeps what its training measured and
+    compiles no step (None)."""
+    if finished is not None:
+        return None, finished["compile_time_s"], finished["step_memory_bytes"], finished["step_flops"]
+    t0 = time.perf_counter()
+    compiled = run.train_step.lower(state, *run.batch_at(step), run.hparams).compile()
+    compile_time = time.perf_counter() - t0
+    memory, flops = compiled_memory_bytes(compiled), compiled_flops(compiled)
+    logger.log({"perf/compile_time_s": compile_time,
+                **({} if memory is None else {"perf/step_memory_mb": memory / 2**20})}, step=step)
+    return compiled, compile_time, memory, flops
 
 
 def _finished_result(workdir: pathlib.Path, step: int) -> dict | None:
