@@ -34,6 +34,32 @@ def train_losses(workdir):
     return {r["step"]: r["train/loss"] for r in read_metrics_jsonl(workdir / "metrics.jsonl") if "train/loss" in r}
 
 
+@pytest.mark.parametrize("lr, min_lr, warmup, steps", [(8e-3, 8e-4, 100, 2000), (1e-3, 1e-4, 100, 5000),
+                                                       (1e-2, 1e-4, 2, 24), (3e-3, 1e-4, 0, 50)])
+def test_the_schedule_as_data_gives_optaxs_floats_bit_for_bit(lr, min_lr, warmup, steps):
+    """The learning rate is an argument of the compiled step now, not a constant in it; a run must still train
+    on exactly the floats optax's constant schedule gave (so recorded results reproduce bit for bit)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    from experiments.shakespeare import grassmann_shakespeare
+    from grassjax.train.optim import train_hparams, warmup_cosine
+
+    tc = grassmann_shakespeare().train
+    tc.update(learning_rate=lr, min_lr=min_lr, warmup_steps=warmup, steps=steps)
+    hp = train_hparams(tc)
+    ours = jax.jit(lambda c, hp: warmup_cosine(c, learning_rate=hp.learning_rate, warmup_steps=hp.warmup_steps,
+                                               decay_steps=hp.decay_steps, alpha=hp.alpha,
+                                               one_minus_alpha=hp.one_minus_alpha))
+    theirs = jax.jit(optax.warmup_cosine_decay_schedule(0.0, lr, warmup, steps, min_lr))
+    counts = sorted({*range(0, 3 * max(warmup, 1) + 3), *range(0, steps + 5, max(1, steps // 50)), steps - 1})
+    a = np.array([ours(jnp.int32(c), hp) for c in counts], np.float32)
+    b = np.array([theirs(jnp.int32(c)) for c in counts], np.float32)
+    np.testing.assert_array_equal(a, b)
+
+
 def test_compile_cache_serves_the_next_run_at_another_learning_rate_and_seed(tmp_path, text_data_dir, monkeypatch):
     monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)  # the suite's own cache would win
     cache = tmp_path / "xla"
