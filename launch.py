@@ -36,7 +36,7 @@ flags.DEFINE_string("split", "val", "--mode=evaluate: train, val (or test on Wik
 flags.DEFINE_integer("stride", 0, "--mode=evaluate: window stride in tokens (0 = block size: non-overlapping).")
 flags.DEFINE_string("compile_cache", os.path.join("~", ".cache", "grassjax", "xla"),
                     "Folder that keeps compiled XLA programs for later runs: a rerun, a resumed run or a tuning trial "
-                    "at another learning rate compiles in about a second. '' turns it off; $JAX_COMPILATION_CACHE_DIR "
+                    "at another learning rate compiles in seconds. '' turns it off; $JAX_COMPILATION_CACHE_DIR "
                     "wins where set. Benchmarks do not use it (they measure compilation).")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (enables jax.distributed).")
 flags.DEFINE_integer("num_processes", None, "Multi-host: total number of processes.")
