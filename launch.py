@@ -67,17 +67,17 @@ def parse_flags(argv: list[str]) -> list[str]:
 def use_compile_cache(folder: str, exp_name: str | None) -> None:
     """JAX's persistent compilation cache in `folder` (see --compile_cache). Programs are keyed by their HLO, the
     JAX version and the flags, so a stale entry is never used; XLA:CPU refuses one built for another CPU."""
-    measures_compilation = exp_name in experiments.EXPERIMENTS and \
-        experiments.EXPERIMENTS[exp_name].runner.startswith(("benchmark", "profile"))
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or not folder or measures_compilation:
+    experiment = experiments.EXPERIMENTS.get(exp_name)
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or not folder or (experiment and experiment.measures_compilation):
         return
     folder = os.path.expanduser(folder)
     try:
         os.makedirs(folder, exist_ok=True)
-        if not os.access(folder, os.W_OK):
-            raise PermissionError(13, "not writable")
+        reason = None if os.access(folder, os.W_OK) else "not writable"
     except OSError as err:
-        print(f"compile cache off: cannot write {folder} ({err.strerror}); pass --compile_cache=DIR, or "
+        reason = err.strerror
+    if reason:
+        print(f"compile cache off: cannot write {folder} ({reason}); pass --compile_cache=DIR, or "
               f"--compile_cache='' to silence this", file=sys.stderr)
         return
     import jax

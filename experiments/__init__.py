@@ -23,6 +23,15 @@ class Experiment:
     get_config: Callable[[], ml_collections.ConfigDict]
     runner: str = "train"  # which runner (see `run`) consumes the config
 
+    @property
+    def measures_compilation(self) -> bool:
+        """Its results include compile times, so a compilation cache would falsify them."""
+        return self.runner in TIMING_RUNNERS
+
+
+# Runners whose results time compilation (see `run` for every runner).
+TIMING_RUNNERS = frozenset({"benchmark_scaling", "benchmark_generation", "benchmark_vs_pytorch", "profile"})
+
 
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
     Experiment("grassmann_shakespeare", "Causal Grassmann LM (order-keeping, tuned) on tiny Shakespeare, CPU budget (~minutes)",

@@ -24,7 +24,7 @@ from grassjax.compiled import compiled_flops, compiled_memory_bytes
 from grassjax.nn import ModelConfig, build_model, param_counts
 from grassjax.train.checkpoint import Checkpointer
 from grassjax.train.evaluate import Evaluator
-from grassjax.train.optim import TrainHparams, learning_rate_schedule, train_hparams
+from grassjax.train.optim import TrainHparams, hparams_schedule, train_hparams
 from grassjax.train.parallel import batch_layout, make_mesh, replicate, shard_global_batch
 from grassjax.train.run_logger import RunLogger, rewind_metrics
 from grassjax.train.step import TrainState, init_train_state, make_train_step
@@ -176,8 +176,7 @@ class Trainer:
         graphdef, params = nnx.split(model, nnx.Param)
         hparams = train_hparams(tc)
         state = replicate(init_train_state(params, hparams), mesh)
-        schedule = learning_rate_schedule(learning_rate=tc.learning_rate, min_lr=tc.min_lr,
-                                          warmup_steps=tc.warmup_steps, steps=tc.steps)
+        schedule = hparams_schedule(hparams)
         train_step = make_train_step(graphdef, dropout=model_cfg.dropout, grad_accum_steps=layout.grad_accum_steps)
         return cls(config, dataset, model_cfg, graphdef, param_counts(model), state, replicate(hparams, mesh),
                    schedule, train_step, layout, mesh)

@@ -75,15 +75,18 @@ def learning_rate_schedule(*, learning_rate: float, min_lr: float, warmup_steps:
     return lambda count: warmup_cosine(count, learning_rate=jnp.float32(learning_rate), **constants)
 
 
+def hparams_schedule(hp: TrainHparams) -> optax.Schedule:
+    """The learning rate at a step, from `hp`: what the train step uses, and what the loop logs."""
+    return lambda count: warmup_cosine(count, learning_rate=hp.learning_rate, warmup_steps=hp.warmup_steps,
+                                       decay_steps=hp.decay_steps, alpha=hp.alpha, one_minus_alpha=hp.one_minus_alpha)
+
+
 def make_optimizer(hp: TrainHparams) -> optax.GradientTransformation:
     """The optimizer every experiment uses. Works on concrete `train_hparams` (to init its state) and on traced
     ones inside the train step; the state's structure does not depend on the values."""
-    schedule = lambda count: warmup_cosine(  # noqa: E731
-        count, learning_rate=hp.learning_rate, warmup_steps=hp.warmup_steps, decay_steps=hp.decay_steps,
-        alpha=hp.alpha, one_minus_alpha=hp.one_minus_alpha)
     # Decay matrices (ndim >= 2, embeddings included), not biases or LayerNorm scales: nanoGPT's rule.
     decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim >= 2, params)  # noqa: E731
     return optax.chain(
         optax.clip_by_global_norm(hp.grad_clip),  # a no-op at inf (its state is empty, as identity's is)
-        optax.adamw(schedule, b1=hp.beta1, b2=hp.beta2, weight_decay=hp.weight_decay, mask=decay_mask),
+        optax.adamw(hparams_schedule(hp), b1=hp.beta1, b2=hp.beta2, weight_decay=hp.weight_decay, mask=decay_mask),
     )
