@@ -45,8 +45,9 @@ def test_profile_of_a_tiny_train_step(tmp_path):
         assert sum(op["share"] for op in r["ops"]) == pytest.approx(1.0)
         assert [op["ms_per_step"] for op in r["ops"]] == sorted((op["ms_per_step"] for op in r["ops"]), reverse=True)
         assert sum(bool(op["what"]) for op in r["ops"][:5]) == 5  # every top op found in the compiled HLO
+        assert r["page_faults_per_step"] >= 0 and r["kernel_ms_per_step"] >= 0
     assert any("dot" in op["what"] for op in out["results"][0]["ops"])
     report = (tmp_path / "profile.md").read_text()
-    assert "### grassmann LM, T = 16, batch 2" in report and "| 1 | `" in report
+    assert "### grassmann LM, T = 16, batch 2" in report and "| 1 | `" in report and "page faults" in report
     assert json.loads((tmp_path / "results.json").read_text())["results"][1]["mixer"] == "grassmann"
     assert list((tmp_path / "trace" / "grassmann").glob("**/*.trace.json.gz"))

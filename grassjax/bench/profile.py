@@ -18,6 +18,7 @@ import gzip
 import json
 import pathlib
 import re
+import resource
 import time
 
 import jax
@@ -84,7 +85,13 @@ def profile_step(config, mixer: str, T: int, B: int, *, steps: int, warmup: int,
     """Trace `steps` train steps of the LM with `mixer`; returns its top ops with their shares."""
     mc, n_params, step, state, args = lm_setup(config, mixer, T, B)
     compiled = step.lower(state, *args).compile()
-    untraced, state = timing.time_stateful(compiled, state, *args, reps=steps, warmup=warmup)
+    # Page faults and kernel CPU time of the untraced steps: a step that maps its temporaries afresh (glibc's
+    # default for big blocks, see grassjax.host) shows thousands of faults per step here. Warm up first, so that
+    # the first call's faults, which any allocator takes, stay out of the count.
+    _, state = timing.time_stateful(compiled, state, *args, reps=1, warmup=max(0, warmup - 1))
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    untraced, state = timing.time_stateful(compiled, state, *args, reps=steps, warmup=0)
+    after = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
         for _ in range(steps):
@@ -99,7 +106,9 @@ def profile_step(config, mixer: str, T: int, B: int, *, steps: int, warmup: int,
                  calls_per_step=o["count"] / steps) for name, o in top]
     return dict(mixer=mixer, T=T, batch=B, params=n_params, steps=steps, step_ms=1e3 * untraced.median_s,
                 step_iqr_ms=(1e3 * untraced.p25_s, 1e3 * untraced.p75_s), traced_wall_ms_per_step=wall_ms,
-                op_ms_per_step=total_us / 1e3 / steps, ops=rows)
+                op_ms_per_step=total_us / 1e3 / steps, ops=rows,
+                page_faults_per_step=(after.ru_minflt - before.ru_minflt) / steps,
+                kernel_ms_per_step=1e3 * (after.ru_stime - before.ru_stime) / steps)
 
 
 _KINDS = (("matmul", ("dot", "convolution")), ("scatter / gather", ("scatter", "gather")),
@@ -131,7 +140,9 @@ def format_profile(result: dict, top: int) -> str:
              f"{result['step_iqr_ms'][0]:.1f}-{result['step_iqr_ms'][1]:.1f}); {result['steps']} traced steps: "
              f"{result['traced_wall_ms_per_step']:.1f} ms/step wall under the tracer, of which "
              f"{result['op_ms_per_step']:.1f} ms inside the {len(result['ops'])} distinct XLA ops (the rest: the "
-             "runtime between ops, and the tracer). Shares are of the time inside ops.",
+             "runtime between ops, and the tracer). Shares are of the time inside ops. Untraced, each step took "
+             f"{result['page_faults_per_step']:,.0f} page faults and {result['kernel_ms_per_step']:.1f} ms of kernel CPU "
+             "time (thousands of faults: the step's temporaries are mapped afresh each time; see grassjax.host).",
              "", "| # | op | share | ms/step | calls/step | what (ops inside, JAX source) |", "|---|---|---|---|---|---|"]
     for i, r in enumerate(result["ops"][:top], 1):
         lines.append(f"| {i} | `{r['op']}` | {100 * r['share']:.1f}% | {r['ms_per_step']:.2f} | "

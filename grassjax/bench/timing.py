@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from grassjax import host
 from grassjax.compiled import compiled_memory_bytes
 
 
@@ -174,6 +175,8 @@ def machine_info() -> dict[str, Any]:
         "device_count": jax.device_count(),
         "cpu_count": os.cpu_count(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        # glibc keeps freed blocks below this many bytes for reuse (launch.py's default; 0: glibc's own behaviour)
+        "malloc_keeps_freed_below_bytes": host.kept_below_bytes,
     }
     try:
         info["load_avg_1m"] = os.getloadavg()[0]
