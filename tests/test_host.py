@@ -46,5 +46,6 @@ def test_keep_freed_memory_stops_the_page_faults_of_a_reallocated_block():
     if kept == "unsupported":
         pytest.skip("this C library has no mallopt (not glibc)")
     default = int(_faults("default"))
-    assert default > 50_000, f"the control should fault on every 64 MiB block: {default} faults"
-    assert int(kept) < 1_000, f"freed blocks were not reused: {kept} faults against {default} by default"
+    # At least 10 faults per block by default (16,384 with 4 KiB pages, 32 where transparent huge pages back it).
+    assert default >= 100, f"the control should fault on every 64 MiB block: {default} faults"
+    assert int(kept) * 10 < default, f"freed blocks were not reused: {kept} faults against {default} by default"
