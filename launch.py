@@ -40,7 +40,7 @@ flags.DEFINE_string("compile_cache", os.path.join("~", ".cache", "grassjax", "xl
                     "wins where set. Benchmarks do not use it (they measure compilation).")
 flags.DEFINE_bool("reuse_host_memory", True,
                   "Let glibc keep freed memory for the next step instead of returning it to the OS after every step "
-                  "(grassjax.host): XLA:CPU steps page-fault their temporaries anew otherwise, about 1.5x slower.")
+                  "(grassjax.host): otherwise XLA:CPU steps page-fault their temporaries anew, up to 1.6x slower.")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (enables jax.distributed).")
 flags.DEFINE_integer("num_processes", None, "Multi-host: total number of processes.")
 flags.DEFINE_integer("process_id", None, "Multi-host: index of this process (0 logs and writes checkpoints).")

@@ -17,11 +17,12 @@ def test_programs_compiled_in_the_background_serve_the_evaluations_after_trainin
     trainer = Trainer.build(config, str(text_data_dir))
     evaluator = Evaluator(config, trainer.graphdef, trainer.model_cfg, trainer.dataset,
                           microbatch=trainer.layout.microbatch, mesh=trainer.mesh)
+    # The losses and the probe are this evaluator's own jitted functions; the sampler is shared by the process,
+    # so an earlier test may have compiled it for the same tiny model already.
     programs = {"losses": evaluator.eval_loss, "probe": evaluator.probe, "sample": generation._generate}
-    before = {name: fn._cache_size() for name, fn in programs.items()}
     evaluator.compile_in_background(trainer.state.params).join()
     compiled = {name: fn._cache_size() for name, fn in programs.items()}
-    assert all(compiled[name] > before[name] for name in programs), (before, compiled)
+    assert compiled["losses"] == compiled["probe"] == 1 and compiled["sample"] >= 1, compiled
 
     state = trainer.state
     for step in range(2):  # parameters as the loop hands them to an evaluation: outputs of the donating step
