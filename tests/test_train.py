@@ -96,6 +96,8 @@ def test_cli_end_to_end_offline_logs_everywhere(tmp_path, text_data_dir):
                 "grassmann/gate_mean/L0", "grassmann/plucker_norm_mean/L0", "grassmann/offset_share/L0/d4",
                 "grassmann/zero_g_fraction/L0"}
     assert expected <= keys, expected - keys
+    eval_seconds = {r["step"]: r["perf/eval_s"] for r in records if "perf/eval_s" in r}
+    assert list(eval_seconds) == [10, 20] and all(s > 0 for s in eval_seconds.values())  # one per evaluation
     val = [r["val/loss"] for r in records if "val/loss" in r]
     first_train = next(r["train/loss"] for r in records if "train/loss" in r)
     assert val[-1] < first_train - 0.5  # it learns

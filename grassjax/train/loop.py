@@ -272,7 +272,9 @@ def _loop(run: _Run, *, exp_name: str, wandb_mode: str | None, print_fn, stop: S
 
     def evaluate(state, step) -> str:  # the sample; off the training clock
         with clock.paused():
+            t0 = time.perf_counter()
             metrics, text = evaluator.evaluate(state.params, step, logger, {"perf/elapsed_s": clock.elapsed()})
+            logger.log({"perf/eval_s": time.perf_counter() - t0}, step=step)  # what evaluating costs the run
         history.append({"step": step, **metrics})
         if is_main:  # progress.write prints even where the bar is disabled
             progress.write(f"step {step:>6} | train {metrics['eval_train/loss']:.4f} | val {metrics['val/loss']:.4f} "
