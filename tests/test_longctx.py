@@ -9,8 +9,8 @@ import pytest
 import experiments
 from grassjax import wandb_offline
 from grassjax.train import longctx, matching
-from grassjax.train.config import ArmSpec, ConfigError, apply_overrides, validate
-from grassjax.train.optim import learning_rate_schedule
+from grassjax.train.config import ArmSpec, ConfigError, apply_overrides, default_config, validate
+from grassjax.train.optim import hparams_schedule, train_hparams
 from grassjax.train.run_logger import read_metrics_jsonl
 from tests.test_train import run
 
@@ -49,7 +49,9 @@ def test_time_budget_fixes_the_step_count_and_a_resumed_comparison_keeps_it(tmp_
     run_dir = workdir / "grassmann" / "seed0"
     records = read_metrics_jsonl(run_dir / "metrics.jsonl")
     lr = {r["step"]: r["train/lr"] for r in records if "train/lr" in r}
-    schedule = learning_rate_schedule(learning_rate=1e-2, min_lr=1e-4, warmup_steps=2, steps=24)
+    tc = default_config().train
+    tc.update(learning_rate=1e-2, min_lr=1e-4, warmup_steps=2, steps=24)
+    schedule = hparams_schedule(train_hparams(tc))
     assert sorted(lr) == list(range(2, 25, 2)) and lr[24] == pytest.approx(float(schedule(23)))  # one whole cosine
     # perf/elapsed_s: in the train rows and the eval rows, non-decreasing across the resume, in both copies.
     elapsed = [(r["step"], r["perf/elapsed_s"]) for r in records if "perf/elapsed_s" in r]

@@ -68,13 +68,6 @@ def warmup_cosine(count, *, learning_rate, warmup_steps, decay_steps, alpha, one
     return jnp.where(count < warmup_steps, rising, decayed)
 
 
-def learning_rate_schedule(*, learning_rate: float, min_lr: float, warmup_steps: int, steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to learning_rate, then cosine decay to min_lr at `steps`."""
-    constants = {k: jnp.float32(v) for k, v in
-                 _schedule_constants(learning_rate, min_lr, warmup_steps, steps).items()}
-    return lambda count: warmup_cosine(count, learning_rate=jnp.float32(learning_rate), **constants)
-
-
 def hparams_schedule(hp: TrainHparams) -> optax.Schedule:
     """The learning rate at a step, from `hp`: what the train step uses, and what the loop logs."""
     return lambda count: warmup_cosine(count, learning_rate=hp.learning_rate, warmup_steps=hp.warmup_steps,
