@@ -60,10 +60,11 @@ def summarise(results: dict[str, list[TrainResult]], evals: dict[str, list[dict]
     for arm, runs in results.items():
         loss_mean, loss_std = mean_std([r.best_val_loss for r in runs])
         evals_of = [[h for h in r.history if "val/loss" in h] for r in runs]
-        best_step = float(np.mean([min(h, key=lambda e: e["val/loss"])["step"] for h in evals_of])) \
-            if all(evals_of) else math.nan
-        overfit = float(np.mean([h[-1]["val/loss"] - min(e["val/loss"] for e in h) for h in evals_of])) \
-            if all(evals_of) else math.nan
+        best_step = overfit = math.nan
+        if all(evals_of):
+            bests = [min(h, key=lambda e: e["val/loss"]) for h in evals_of]  # each run's best evaluation
+            best_step = float(np.mean([b["step"] for b in bests]))
+            overfit = float(np.mean([h[-1]["val/loss"] - b["val/loss"] for h, b in zip(evals_of, bests)]))
         full_mean, full_std = mean_std([e["loss"] for e in evals[arm]])
         rows.append(dict(
             arm=arm, seeds=len(runs), params=runs[0].params["total"],
