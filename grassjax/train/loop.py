@@ -285,8 +285,8 @@ def _loop(run: _Run, *, exp_name: str, wandb_mode: str | None, print_fn, stop: S
     try:
         with logger, progress, contextlib.closing(run.checkpointer) as checkpointer:
             finished = _finished_result(run.workdir, start_step) if start_step >= stop_at else None
-            train_step, compile_time, step_memory, step_flops = _compile_step(run, state, start_step, logger, finished,
-                                                                              evaluator)
+            train_step, compile_time, step_memory, step_flops = _compile_programs(run, state, start_step, logger,
+                                                                                  finished, evaluator)
             run_start = time.perf_counter()
             clock = TrainClock(run.elapsed_s)  # step times are windows of this clock
             window_elapsed, window_step = clock.elapsed(), start_step
@@ -357,7 +357,7 @@ def _loop(run: _Run, *, exp_name: str, wandb_mode: str | None, print_fn, stop: S
     return result
 
 
-def _compile_step(run: _Run, state, step: int, logger: RunLogger, finished: dict | None, evaluator: Evaluator):
+def _compile_programs(run: _Run, state, step: int, logger: RunLogger, finished: dict | None, evaluator: Evaluator):
     """(compiled train step, compile seconds, XLA's memory estimate, FLOPs), compiled ahead of the loop so that
     step times exclude it; the evaluation programs compile beside it on other threads, and the seconds count
     both. A rerun of a finished run trains nothing: it keeps what its training measured and compiles no step."""
