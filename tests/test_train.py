@@ -201,6 +201,7 @@ def test_ctrl_c_saves_a_checkpoint_and_a_rerun_resumes(tmp_path, text_data_dir):
     (["--exp=grassmann_shakespeare", "--config.model.num_heads=3"], "divisible"),
     (["--exp=grassmann_shakespeare", "--config.train.steps"], "needs a value"),
     (["--exp=grassmann_shakespeare", "--wandb_mode=maybe"], "wandb_mode"),
+    (["--exp=grassmann_shakespeare", "--reuse_host_memory=maybe"], "--reuse_host_memory=maybe: ('Non-boolean"),
 ])
 def test_bad_input_is_one_clear_line(args, message):
     proc = cli(*args)
