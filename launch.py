@@ -90,13 +90,13 @@ def use_compile_cache(folder: str, exp_name: str | None) -> None:
 
 def use_trained_run(mode: str, workdir: str):
     """--mode=sample / --mode=evaluate: the run's own config (run_config.json) is used, not --config.*."""
-    from grassjax import trained
+    from grassjax import inference
 
     if mode == "sample":
-        trained.sample_run(workdir, prompt=FLAGS.prompt, num_tokens=FLAGS.num_tokens, temperature=FLAGS.temperature,
+        inference.sample_run(workdir, prompt=FLAGS.prompt, num_tokens=FLAGS.num_tokens, temperature=FLAGS.temperature,
                            top_k=FLAGS.top_k, num_samples=FLAGS.num_samples, seed=FLAGS.seed)
     else:
-        trained.evaluate_run(workdir, data_dir=FLAGS.data_dir, split=FLAGS.split, stride=FLAGS.stride)
+        inference.evaluate_run(workdir, data_dir=FLAGS.data_dir, split=FLAGS.split, stride=FLAGS.stride)
 
 
 def main(argv):
@@ -118,8 +118,8 @@ def main(argv):
     from grassjax.data import DataError
     from grassjax.train.config import ConfigError, split_overrides
     from grassjax.train.loop import NonFiniteLossError
-    from grassjax.train.run_logger import WandbCredentialsError
-    from grassjax.train.tune import MissingExtraError
+    from grassjax.runlog import WandbCredentialsError
+    from grassjax.extras import MissingExtraError
     from grassjax.train.workdir import WorkdirError
 
     from grassjax.train.parallel import DistributedError, initialize_distributed

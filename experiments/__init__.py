@@ -13,7 +13,7 @@ from typing import Callable
 
 import ml_collections
 
-from experiments import benchmarks, generation, shakespeare, wikitext
+from experiments import benchmarks, shakespeare, wikitext
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +73,7 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
     Experiment("profile_train_step", "jax.profiler trace of the CPU LMs' train step: the top XLA ops and their "
                "shares", benchmarks.profile_train_step, runner="profile"),
     Experiment("benchmark_generation", "streaming decode tokens/s and cache memory vs context, up to 8k",
-               generation.benchmark_generation, runner="benchmark_generation"),
+               benchmarks.benchmark_generation, runner="benchmark_generation"),
     Experiment("paper_wikitext2_transformer_6l", "paper setting: Transformer, 6 layers, block 128, WikiText-2",
                wikitext.paper_wikitext2_transformer_6l),
     Experiment("paper_wikitext2_grassmann_6l", "paper setting: Grassmann, 6 layers, block 128, WikiText-2",
@@ -101,11 +101,12 @@ def get_experiment(name: str) -> Experiment:
 
 def resolve_config(name: str, overrides: dict[str, str]) -> tuple[Experiment, ml_collections.ConfigDict]:
     """The experiment and its config with the --config.* overrides applied, type-checked and validated."""
-    from grassjax.train.config import apply_overrides, validate
+    from grassjax.studies.arms import validate_comparison
+    from grassjax.train.config import apply_overrides
 
     experiment = get_experiment(name)
     config = apply_overrides(experiment.get_config(), overrides)
-    validate(config)
+    validate_comparison(config)  # a single run's checks, and a comparison's own
     return experiment, config
 
 
@@ -117,13 +118,13 @@ def run(name: str, overrides: dict[str, str] | None = None, *, workdir: str | No
     """
     # Imported here: `launch.py --list` and config errors stay fast, and optional extras load only when used.
     from grassjax.baselines.runner import run_ngram_baselines
-    from grassjax.bench.generation import run_generation_benchmark
+    from grassjax.bench.decoding import run_generation_benchmark
     from grassjax.bench.profile import run_profile
     from grassjax.bench.scaling import run_scaling_benchmark
     from grassjax.bench.vs_pytorch import run_vs_pytorch_benchmark
-    from grassjax.train.compare import run_comparison
+    from grassjax.studies.compare import run_comparison
     from grassjax.train.loop import train
-    from grassjax.train.tune import run_tuning
+    from grassjax.studies.tune import run_tuning
 
     experiment, config = resolve_config(name, overrides or {})
     workdir = workdir or os.path.join("runs", name)

@@ -11,7 +11,8 @@ block 256, batch 64, 5000 steps, dropout 0.2.
 
 import ml_collections
 
-from grassjax.train.config import compare_section, default_config
+from grassjax.studies.arms import compare_section
+from grassjax.train.config import default_config
 
 
 def _cpu(mixer: str):
@@ -92,7 +93,7 @@ def compare_shakespeare():
         "grassmann_paper": {"mixer": "grassmann", "norm": "post"},
     })
     # Kneser-Ney reference rows / plot lines: 2-, 4- and 6-gram (seconds). Matched by parameters (the arms are
-    # size-matched, same steps); --config.compare.match=time or tokens changes that (grassjax.train.matching).
+    # size-matched, same steps); --config.compare.match=time or tokens changes that (grassjax.studies.matching).
     cfg.compare = compare_section(arms=("grassmann", "transformer"), seeds=3, ngram_contexts=(1, 3, 5))
     return cfg
 
@@ -187,7 +188,7 @@ def longctx_shakespeare():
 
     Every run trains for compare.time_budget_s = 120 s of training time (the steps and their batches; not
     compilation, logging or evaluation) at 3,072 tokens per step (batch 12 x 256, 6 x 512, 3 x 1024), its step count
-    fixed from a timed warm-up so the cosine schedule spans the budget (grassjax.train.matching). 3 blocks x
+    fixed from a timed warm-up so the cosine schedule spans the budget (grassjax.studies.matching). 3 blocks x
     2 arms x 3 seeds = 18 runs: 36 min of training plus, per run, compilation, 8 evaluations on 10 batches,
     a 100-character sample at each, the whole-split evaluation and W&B, and 6 timing warm-ups: about an hour
     on the 2-core CPU (an estimate from the budget, not a timed run; the report states each run's train

@@ -21,7 +21,8 @@ tokens covers the ~250k validation tokens about twice), not one contiguous pass.
 
 import ml_collections
 
-from grassjax.train.config import compare_section, default_config
+from grassjax.studies.arms import compare_section
+from grassjax.train.config import default_config
 
 SCHEDULE_12 = (1, 1, 2, 2, 4, 4, 8, 8, 12, 12, 16, 16)
 

@@ -9,6 +9,7 @@ per token. Learned position embeddings cap streaming at model.cfg.block_size tok
 from __future__ import annotations
 
 import functools
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -158,6 +159,61 @@ def generate_streaming(model: nnx.Module, prompt: jax.Array, key: jax.Array, *, 
     graphdef, state = nnx.split(model)
     return _generate_streaming(graphdef, state, prompt, key, max_new_tokens=max_new_tokens,
                                temperature=float(temperature), top_k=top_k)
+
+
+# Module-level jits with the graph as a static argument: compiled once per model shape, not per call.
+@functools.partial(jax.jit, static_argnames=("temperature", "top_k"))
+def _draw(logits, key, *, temperature, top_k):
+    return sample_logits(logits, key, temperature=temperature, top_k=top_k)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_len"))
+def _prefill(graphdef, state, ids, *, max_len):
+    return prefill(nnx.merge(graphdef, state), ids, max_len)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _decode(graphdef, state, token, caches):
+    return decode_step(nnx.merge(graphdef, state), token, caches)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _bigram_logits(graphdef, state, ids):
+    return nnx.merge(graphdef, state)(ids)[:, -1]
+
+
+def stream_tokens(model, prompt_ids, key: jax.Array, *, num_tokens: int, temperature: float = 1.0,
+                  top_k: int | None = None) -> Iterator[int]:
+    """Yield num_tokens sampled token ids one at a time, with the cached decoder (prefill, decode_step).
+
+    Attention layers keep a KV cache, Grassmann layers a window of max(offsets) reduced states. Learned
+    position embeddings end at block_size, so when the cache is full the last block_size // 2 tokens are
+    prefilled again (nanoGPT crops its context the same way, but recomputes every token).
+    """
+    graphdef, state = nnx.split(model)
+    block = model.cfg.block_size
+    bigram = isinstance(model, BigramLanguageModel)  # its next token depends on the last one only
+    draw = functools.partial(_draw, temperature=float(temperature), top_k=top_k)
+    context = list(int(t) for t in prompt_ids[-block:])
+    if not bigram:
+        logits, caches = _prefill(graphdef, state, jnp.asarray([context], jnp.int32), max_len=block)
+        pos = len(context)
+    for _ in range(num_tokens):
+        if bigram:
+            logits = _bigram_logits(graphdef, state, jnp.asarray([[context[-1]]], jnp.int32))
+        key, sub = jax.random.split(key)
+        token = int(draw(logits, sub)[0])
+        context.append(token)
+        yield token
+        if bigram:
+            continue
+        if pos == block:  # the position embeddings end here: start again from the recent half
+            context = context[-(block // 2):]
+            logits, caches = _prefill(graphdef, state, jnp.asarray([context], jnp.int32), max_len=block)
+            pos = len(context)
+        else:
+            logits, caches = _decode(graphdef, state, jnp.asarray([token], jnp.int32), caches)
+            pos += 1
 
 
 def cache_bytes(model: nnx.Module, batch: int, context: int) -> int:

@@ -8,8 +8,9 @@ import pytest
 
 import experiments
 from grassjax.nn import ModelConfig
-from grassjax.train import compare
-from grassjax.train.config import apply_overrides, validate
+from grassjax.studies import ablation, compare
+from grassjax.studies.arms import validate_comparison as validate
+from grassjax.train.config import apply_overrides
 from tests.test_ngram import fake_evals, fake_result
 from tests.test_train import run
 
@@ -41,7 +42,7 @@ def test_waterfall_and_gap_columns_from_known_losses():
     results = {"grassmann": [fake_result(2.2), fake_result(2.2)], "better": [fake_result(2.0)],
                "transformer": [fake_result(1.8)]}
     rows = compare.summarise(results, fake_evals({"grassmann": [2.25, 2.35], "better": [2.1], "transformer": [1.9]}))
-    steps = compare.waterfall(rows, reference="grassmann", baseline="transformer",
+    steps = ablation.waterfall(rows, reference="grassmann", baseline="transformer",
                               changes={"better": {"offsets": [1, 2]}})
     by_arm = {s["arm"]: s for s in steps}
     assert by_arm["better"]["closed"] == pytest.approx(0.2) and by_arm["better"]["closed_share"] == pytest.approx(0.5)

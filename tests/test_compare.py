@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from grassjax import wandb_offline
+from grassjax.runlog import offline as wandb_offline
 from grassjax.nn import ModelConfig, build_model
 from grassjax.train.config import ConfigError, default_config
 from grassjax.train.optim import train_hparams
@@ -80,7 +80,7 @@ def test_train_step_contains_none_of_the_statistics_work():
 
 
 def test_disabled_statistics_are_never_built(tmp_path, text_data_dir, monkeypatch):
-    import grassjax.train.evaluate as evaluate
+    import grassjax.train.evaluator as evaluate
 
     def forbidden(*args, **kwargs):
         raise AssertionError("the statistics probe was built although stats.enabled=False")
@@ -94,7 +94,7 @@ def test_disabled_statistics_are_never_built(tmp_path, text_data_dir, monkeypatc
 
 def test_arm_config_applies_model_and_train_changes_and_rejects_unknown_keys():
     from experiments.shakespeare import ablate_shakespeare
-    from grassjax.train.compare import arm_config
+    from grassjax.studies.arms import arm_config
 
     config = ablate_shakespeare()
     config.arms.transformer.train = {"learning_rate": 2.5e-3}

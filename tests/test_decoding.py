@@ -163,7 +163,7 @@ def test_bigram_delegates_to_sampling():
 
 def test_generation_benchmark_tiny_run_writes_results_and_plot(tmp_path):
     from experiments.generation import benchmark_generation
-    from grassjax.bench.generation import run_generation_benchmark
+    from grassjax.bench.decoding import run_generation_benchmark
 
     cfg = benchmark_generation()
     cfg.model.update(num_layers=1, d_model=16, num_heads=2, d_ff=32, rank=4, offsets=(1, 2, 4))

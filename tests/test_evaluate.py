@@ -6,7 +6,7 @@ import pytest
 
 import experiments
 from grassjax import generation
-from grassjax.train.evaluate import CompileThreads, Evaluator
+from grassjax.train.evaluator import CompileThreads, Evaluator
 from grassjax.train.loop import Trainer
 from tests.conftest import TINY_OVERRIDES
 

@@ -4,7 +4,8 @@ import pytest
 
 import experiments
 from grassjax.nn import ModelConfig, analytic_param_count
-from grassjax.train.config import ConfigError, apply_overrides, default_config, validate
+from grassjax.studies.arms import validate_comparison as validate
+from grassjax.train.config import ConfigError, apply_overrides, default_config
 
 
 def _params(cfg):

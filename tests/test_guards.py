@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from grassjax.train.run_logger import read_metrics_jsonl
+from grassjax.runlog import read_metrics_jsonl
 from grassjax.train.workdir import WorkdirError, WorkdirLock, prepare_workdir
 from tests.conftest import TINY_OVERRIDES
 from tests.test_train import cli, overrides_as_flags, signal_after_first_loss, train_losses
@@ -151,7 +151,7 @@ def test_unwritable_workdirs_are_one_line(tmp_path, monkeypatch):
 def test_disk_full_stops_at_once_and_keeps_the_last_good_checkpoint(tmp_path, text_data_dir, monkeypatch):
     import orbax.checkpoint as ocp
 
-    from grassjax.train.run_logger import RunLogger
+    from grassjax.runlog import RunLogger
 
     save = ocp.CheckpointManager.save
 

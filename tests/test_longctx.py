@@ -7,11 +7,13 @@ import math
 import pytest
 
 import experiments
-from grassjax import wandb_offline
-from grassjax.train import longctx, matching
-from grassjax.train.config import ArmSpec, ConfigError, apply_overrides, default_config, validate
+from grassjax.runlog import offline as wandb_offline
+from grassjax.studies import longctx, matching
+from grassjax.studies.arms import ArmSpec
+from grassjax.studies.arms import validate_comparison as validate
+from grassjax.train.config import ConfigError, apply_overrides, default_config
 from grassjax.train.optim import hparams_schedule, train_hparams
-from grassjax.train.run_logger import read_metrics_jsonl
+from grassjax.runlog import read_metrics_jsonl
 from tests.test_train import run
 
 

@@ -117,14 +117,14 @@ def fake_result(loss, steps=(5, 10)):
 
 
 def fake_evals(losses):
-    """What grassjax.trained.evaluate_run returns, per arm and seed: the whole-split val loss."""
+    """What grassjax.inference.evaluate_run returns, per arm and seed: the whole-split val loss."""
     return {arm: [{"loss": x, "tokens_scored": 1000} for x in values] for arm, values in losses.items()}
 
 
 def test_comparison_report_has_ngram_rows_and_plot_lines(tmp_path, monkeypatch):
     import matplotlib.axes
 
-    from grassjax.train import compare
+    from grassjax.studies import compare
 
     results = {"grassmann": [fake_result(2.2)], "transformer": [fake_result(1.9)]}
     rows = compare.summarise(results, fake_evals({"grassmann": [2.3], "transformer": [2.0]}))

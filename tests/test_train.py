@@ -11,7 +11,7 @@ import time
 import pytest
 
 import experiments
-from grassjax.train.run_logger import read_metrics_jsonl
+from grassjax.runlog import read_metrics_jsonl
 from tests.conftest import REPO, SHARED_DATA, TINY_OVERRIDES
 
 
@@ -104,7 +104,7 @@ def test_cli_end_to_end_offline_logs_everywhere(tmp_path, text_data_dir):
     result = json.loads((workdir / "result.json").read_text())
     assert result["final_step"] == 20 and result["params"]["total"] > 0
 
-    from grassjax import wandb_offline
+    from grassjax.runlog import offline as wandb_offline
 
     history = wandb_offline.read_history(wandb_offline.find_run_file(workdir))
     logged = set().union(*history)
@@ -240,7 +240,7 @@ def test_bigram_on_real_tiny_shakespeare_reaches_val_loss_below_2_6(tmp_path):
 
 
 def test_rewind_metrics_drops_records_past_the_checkpoint(tmp_path):
-    from grassjax.train.run_logger import rewind_metrics
+    from grassjax.runlog import rewind_metrics
 
     path = tmp_path / "metrics.jsonl"
     records = [{"step": 2, "train/loss": 3.0}, {"step": 4, "val/loss": 2.5}, {"step": 4, "attn/entropy/L0": 0.7},

@@ -9,10 +9,11 @@ from tests.test_train import run
 
 
 def test_missing_optuna_names_the_extra(monkeypatch):
-    from grassjax.train import tune
+    from grassjax.extras import MissingExtraError
+    from grassjax.studies import tune
 
     monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna -> ImportError
-    with pytest.raises(tune.MissingExtraError, match=r"pip install -e \.\[tune\]"):
+    with pytest.raises(MissingExtraError, match=r"pip install -e \.\[tune\]"):
         tune.import_optuna()
 
 

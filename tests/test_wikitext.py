@@ -342,7 +342,7 @@ def test_hugging_face_failure_falls_back_to_the_missing_files_error(tmp_path, mo
 def test_paper_experiment_trains_end_to_end_on_the_generated_corpus(tmp_path):
     """`launch.py --exp=paper_wikitext2_grassmann_6l --data_dir=<corpus>` at a tiny size."""
     import experiments
-    from grassjax.train.run_logger import read_metrics_jsonl
+    from grassjax.runlog import read_metrics_jsonl
 
     write_corpus(tmp_path / "data")
     overrides = {"data.vocab_size": "300", "model.num_layers": "1", "model.d_model": "32", "model.d_ff": "64",

@@ -39,7 +39,7 @@ def ngram_table_markdown(rows: list[dict]) -> str:
 def run_ngram_baselines(config, *, workdir, exp_name: str, data_dir: str | None = None, wandb_mode: str | None = None,
                         print_fn: Callable[[str], None] = print) -> dict:
     """Fit and score every context length in config.ngram.contexts; write ngram.json and ngram.md in workdir."""
-    from grassjax.train.run_logger import RunLogger
+    from grassjax.runlog import RunLogger
 
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ import ml_collections
 
 from grassjax.bench import timing
 from grassjax.bench.scaling import lm_setup
+from grassjax.runlog.records import write_json
 
 # HLO ops too common to describe a fusion by (every fusion moves data around).
 _PLUMBING = {"parameter", "constant", "broadcast", "reshape", "bitcast", "copy", "tuple", "get-tuple-element",
@@ -173,6 +174,6 @@ def run_profile(config: ml_collections.ConfigDict, *, workdir, exp_name: str, da
     report = "\n\n".join(format_profile(r, int(bench.top)) for r in results)
     (workdir / "profile.md").write_text(f"# {exp_name}\n\n{report}\n")
     out = dict(experiment=exp_name, config=config.to_dict(), machine=timing.machine_info(), results=results)
-    (workdir / "results.json").write_text(json.dumps(out, indent=2, default=str))
+    write_json(workdir / "results.json", out, indent=2)
     print(f"wrote {workdir / 'profile.md'}, {workdir / 'results.json'} and the traces under {workdir / 'trace'}")
     return out

@@ -7,7 +7,6 @@ MFU against a matmul peak timed in the same run. What each series and column mea
 
 from __future__ import annotations
 
-import json
 import math
 import pathlib
 import time
@@ -24,7 +23,8 @@ from grassjax.bench import timing
 from grassjax.compiled import compiled_flops, compiled_memory
 from grassjax.nn import ModelConfig, build_model, param_counts
 from grassjax.train.optim import make_optimizer, train_hparams
-from grassjax.train.run_logger import RunLogger
+from grassjax.runlog import RunLogger
+from grassjax.runlog.records import write_json
 from grassjax.train.step import init_train_state, make_train_step
 
 MIB = 2**20
@@ -463,13 +463,6 @@ def plot(rows: list[dict], path: pathlib.Path, title: str = ""):
     return fig
 
 
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, (tuple, set)):
-        return list(value)
-    return str(value)
-
 
 def run_scaling_benchmark(config: ml_collections.ConfigDict, *, workdir, exp_name: str, data_dir=None,
                           wandb_mode: str | None = None) -> dict:
@@ -554,8 +547,7 @@ def run_scaling_benchmark(config: ml_collections.ConfigDict, *, workdir, exp_nam
         summary["grassmann_flatness"] = ratios["grassmann_flatness"]["value"]
         logger.set_summary({k: v for k, v in summary.items() if v is not None})
         results["wall_s"] = time.perf_counter() - start
-        with open(workdir / "results.json", "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=1, default=_json_default)
+        write_json(workdir / "results.json", results, indent=1)
         print(f"\nwrote {workdir / 'results.json'} and {workdir / 'scaling.png'} in {results['wall_s']:.0f} s")
         return results
     finally:

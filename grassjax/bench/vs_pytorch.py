@@ -13,7 +13,6 @@ Outputs in workdir: results.json, the table on stdout, one W&B run.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import pathlib
 import time
@@ -25,20 +24,19 @@ import numpy as np
 from flax import nnx
 
 from grassjax.bench import timing
+from grassjax.extras import require
 from grassjax.bench.scaling import lm_model_config
 from grassjax.nn import build_model, param_counts
 from grassjax.train.optim import train_hparams
-from grassjax.train.run_logger import RunLogger
+from grassjax.runlog import RunLogger
+from grassjax.runlog.records import write_json
 from grassjax.train.step import cross_entropy, init_train_state, make_train_step
 
 
 def _torch():
-    try:
-        import torch  # noqa: F401
+    torch = require("torch", extra="torch", feature="benchmark_vs_pytorch")
+    from grassjax.bench import torch_port
 
-        from grassjax.bench import torch_port
-    except ImportError as err:
-        raise SystemExit(f"benchmark_vs_pytorch needs torch: pip install -e .[torch] ({err})") from None
     return torch, torch_port
 
 
@@ -194,8 +192,7 @@ def run_vs_pytorch_benchmark(config: ml_collections.ConfigDict, *, workdir, exp_
                                 "torch_threads": torch.get_num_threads(), "load_average_before": load_before,
                                 "load_average_after": os.getloadavg()},
                    wall_s=time.perf_counter() - start)
-    with open(workdir / "results.json", "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, default=str)
+    write_json(workdir / "results.json", results, indent=2)
     print(f"wrote {workdir / 'results.json'} in {results['wall_s']:.0f} s")
     return results
 

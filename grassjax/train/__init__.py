@@ -1,0 +1,1 @@
+"""One training run: its config, the jitted step, the loop, evaluations, checkpoints and its workdir."""

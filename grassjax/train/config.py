@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-from typing import NamedTuple
 
 import ml_collections
 
@@ -79,90 +78,7 @@ def default_config() -> ml_collections.ConfigDict:
     return cfg
 
 
-MATCHES = ("params", "tokens", "time")
 X_AXES = ("step", "perf/elapsed_s")
-
-
-def compare_section(**values) -> ml_collections.ConfigDict:
-    """A comparison's `compare` section: these defaults, updated by `values` (an experiment's choices).
-
-    match: params | tokens | time, how long each arm trains (grassjax.train.matching says how). blocks: run every
-    arm at each of these block sizes (runs named <arm>_b<block>), with batch = tokens_per_step // block where
-    tokens_per_step > 0; an arm's per_block.<block> entry overrides its settings at that size. evals_per_run > 0
-    sets each run's eval_every to steps // evals_per_run.
-    """
-    section = ml_collections.ConfigDict(dict(
-        arms=("grassmann", "transformer"), seeds=3, paper_variant=False,
-        baseline="transformer",  # the gap columns are relative to this arm
-        match="params", time_budget_s=0.0, time_probe_steps=10, tokens=0,
-        blocks=(), tokens_per_step=0, evals_per_run=0,
-        finalists=(),  # arms run at every seed; the others only at the first (empty: all arms)
-        ngram_contexts=(),  # Kneser-Ney reference rows / plot lines, by characters of context: e.g. (1, 3, 5)
-        waterfall_reference="",  # an arm: the ablation waterfall measures the share of its gap each arm closes
-    ))
-    section.update(values)
-    return section
-
-
-class ArmSpec(NamedTuple):
-    """One arm of a comparison as it runs: `name` is its run folder and W&B tag (<arm>, or <arm>_b<block>
-    with compare.blocks), `arm` its entry in `arms`, `changes` the model fields and train/data sub-dicts it sets."""
-
-    name: str
-    arm: str
-    block: int | None
-    changes: dict
-
-
-ARM_SECTIONS = ("train", "data")  # sections an arm may change besides the model fields
-
-
-def _merged(base: dict, changes: dict) -> dict:
-    out = dict(base)
-    for key, value in changes.items():
-        out[key] = {**out.get(key, {}), **value} if key in ARM_SECTIONS else value
-    return out
-
-
-def comparison_arms(cfg: ml_collections.ConfigDict) -> list[ArmSpec]:
-    """The arms a comparison runs, in order: compare.arms (+ grassmann_paper with compare.paper_variant), each
-    at every compare.blocks size when blocks are given (block-major)."""
-    names = list(cfg.compare.arms) + (["grassmann_paper"] if cfg.compare.get("paper_variant") else [])
-    unknown = [name for name in names if name not in cfg.arms]
-    if unknown:
-        raise ConfigError(f"--config.compare.arms: unknown arm(s) {unknown}; defined: {', '.join(cfg.arms.keys())}")
-    blocks, tokens = tuple(cfg.compare.get("blocks", ())), cfg.compare.get("tokens_per_step", 0)
-    specs = []
-    for block in blocks or (None,):
-        for name in names:
-            changes = cfg.arms[name].to_dict()
-            per_block = changes.pop("per_block", {})
-            if block is None:
-                specs.append(ArmSpec(name, name, None, changes))
-                continue
-            sized = {"data": {"block_size": block}}
-            if tokens:  # constant tokens per step while the batch allows it (at least one row)
-                sized["train"] = {"batch_size": max(1, tokens // block)}
-            changes = _merged(_merged(changes, sized), per_block.get(str(block), {}))
-            specs.append(ArmSpec(f"{name}_b{block}", name, block, changes))
-    return specs
-
-
-def apply_arm(cfg: ml_collections.ConfigDict, arm: str, changes: dict) -> ml_collections.ConfigDict:
-    """A copy of cfg with one arm's changes: model fields, and train/data settings under those keys."""
-    cfg = ml_collections.ConfigDict(cfg.to_dict())
-    for key, value in changes.items():
-        if key in ARM_SECTIONS:  # per-arm training or data settings, e.g. a tuned learning rate, a block size
-            for sub_key, sub_value in value.items():
-                if sub_key not in cfg[key]:
-                    raise ConfigError(f"arms.{arm}.{key}.{sub_key}: not a {key} setting; valid: {sorted(cfg[key].keys())}")
-                cfg[key][sub_key] = sub_value
-        elif key not in cfg.model:
-            raise ConfigError(f"arms.{arm}.{key}: not a model setting (or one of {', '.join(ARM_SECTIONS)}); "
-                              f"valid: {sorted(cfg.model.keys())}")
-        else:
-            cfg.model[key] = value
-    return cfg
 
 
 CONFIG_PREFIX = "--config."
@@ -276,8 +192,6 @@ RANGES: dict[str, Range] = {
     "train.checkpoint_every": POSITIVE, "train.keep_checkpoints": POSITIVE, "train.sample_tokens": NON_NEGATIVE,
     "train.temperature": NON_NEGATIVE, "train.top_k": NON_NEGATIVE,
     "stats.probe_batch": POSITIVE, "stats.hist_bins": POSITIVE,
-    "compare.seeds": POSITIVE, "compare.time_budget_s": NON_NEGATIVE, "compare.time_probe_steps": POSITIVE,
-    "compare.tokens": NON_NEGATIVE, "compare.tokens_per_step": NON_NEGATIVE, "compare.evals_per_run": NON_NEGATIVE,
 }
 
 
@@ -303,8 +217,9 @@ def _check_model(prefix: str, model: dict, block_size: int, note: str = "") -> N
                               f"data.block_size={block_size}, else it never sees a token{note}")
 
 
-def _check_ranges(cfg: ml_collections.ConfigDict, where: str = "") -> None:
-    for key, allowed in RANGES.items():
+def check_ranges(cfg: ml_collections.ConfigDict, where: str = "", ranges: dict[str, Range] = RANGES) -> None:
+    """Every key of `ranges` that `cfg` has must lie in its range; ConfigError naming the key otherwise."""
+    for key, allowed in ranges.items():
         value = _lookup(cfg, key)
         if value is None or isinstance(value, bool):
             continue
@@ -312,47 +227,32 @@ def _check_ranges(cfg: ml_collections.ConfigDict, where: str = "") -> None:
             raise ConfigError(f"{where}--config.{key}={value} is out of range; allowed: {allowed}")
 
 
-def _check_learning_rates(cfg: ml_collections.ConfigDict, where: str = "") -> None:
+def check_learning_rates(cfg: ml_collections.ConfigDict, where: str = "") -> None:
     if cfg.train.min_lr > cfg.train.learning_rate:
         raise ConfigError(f"{where}--config.train.min_lr={cfg.train.min_lr} must be <= "
                           f"train.learning_rate={cfg.train.learning_rate}")
 
 
+def check_model(cfg: ml_collections.ConfigDict, prefix: str = "model", note: str = "") -> None:
+    """cfg.model builds a ModelConfig at cfg.data.block_size, and keeps the cross-key rules."""
+    merged = cfg.model.to_dict()
+    try:
+        ModelConfig.from_mapping({**merged, "block_size": cfg.data.block_size})
+    except ValueError as err:
+        raise ConfigError(f"{prefix}{note}: {err}") from None
+    _check_model(prefix, merged, cfg.data.block_size, note)
+
+
 def validate(cfg: ml_collections.ConfigDict) -> None:
-    """Fail early, with the key to fix and its allowed range, on values no run could use."""
-    _check_ranges(cfg)
-    _check_learning_rates(cfg)
+    """Fail early, with the key to fix and its allowed range, on values no run could use.
+
+    A comparison's own sections (arms, compare) are checked by grassjax.studies.arms.validate_comparison.
+    """
+    check_ranges(cfg)
+    check_learning_rates(cfg)
     if cfg.data.dataset not in ("tinyshakespeare", "wikitext2"):
         raise ConfigError(f"--config.data.dataset must be tinyshakespeare or wikitext2, got {cfg.data.dataset!r}")
     if cfg.wandb.get("val_x_axis", "step") not in X_AXES:
-        raise ConfigError(f"--config.wandb.val_x_axis must be one of {', '.join(X_AXES)}, got {cfg.wandb.val_x_axis!r}")
-    variants = [("model", "", cfg)]  # (key prefix, note, config)
-    if "compare" in cfg:
-        match = cfg.compare.get("match", "params")
-        if match not in MATCHES:
-            raise ConfigError(f"--config.compare.match must be one of {', '.join(MATCHES)}, got {match!r}")
-        if match == "time" and not cfg.compare.get("time_budget_s", 0) > 0:
-            raise ConfigError("--config.compare.match=time needs --config.compare.time_budget_s > 0 "
-                              "(seconds of training per run)")
-        # Finalists outside compare.arms are skipped (a screen of fewer arms), but each must be a defined arm.
-        stray = [a for a in cfg.compare.get("finalists", ()) if a not in cfg.get("arms", {})]
-        if stray:
-            raise ConfigError(f"--config.compare.finalists: {stray} are not defined arms; "
-                              f"defined: {', '.join(cfg.get('arms', {}).keys())}")
-    if "arms" in cfg:  # comparison configs: each arm overrides some model (and train/data) fields
-        # Only the arms that will run: a screening override (say model.num_layers=2) need not suit the others.
-        specs = comparison_arms(cfg) if "compare" in cfg else \
-            [ArmSpec(name, name, None, cfg.arms[name].to_dict()) for name in cfg.arms]
-        for spec in specs:
-            changes = {k: v for k, v in spec.changes.items() if k != "per_block"}
-            note = f" (arm {spec.name}, block {spec.block})" if spec.block else ""
-            variants.append((f"arms.{spec.arm}", note, apply_arm(cfg, spec.arm, changes)))
-            _check_ranges(variants[-1][2], f"arms.{spec.arm}{note}: ")
-            _check_learning_rates(variants[-1][2], f"arms.{spec.arm}{note}: ")
-    for prefix, note, variant in variants:
-        merged = variant.model.to_dict()
-        try:
-            ModelConfig.from_mapping({**merged, "block_size": variant.data.block_size})
-        except ValueError as err:
-            raise ConfigError(f"{prefix}{note}: {err}") from None
-        _check_model(prefix, merged, variant.data.block_size, note)
+        raise ConfigError(f"--config.wandb.val_x_axis must be one of {', '.join(X_AXES)}, "
+                          f"got {cfg.wandb.val_x_axis!r}")
+    check_model(cfg)

@@ -23,10 +23,10 @@ from grassjax import data
 from grassjax.compiled import compiled_flops, compiled_memory_bytes
 from grassjax.nn import ModelConfig, build_model, param_counts
 from grassjax.train.checkpoint import Checkpointer
-from grassjax.train.evaluate import Evaluator
+from grassjax.train.evaluator import Evaluator
 from grassjax.train.optim import TrainHparams, hparams_schedule, train_hparams
 from grassjax.train.parallel import batch_layout, make_mesh, replicate, shard_global_batch
-from grassjax.train.run_logger import RunLogger, rewind_metrics
+from grassjax.runlog import RunLogger, rewind_metrics
 from grassjax.train.step import TrainState, init_train_state, make_train_step
 from grassjax.train.workdir import WorkdirError, WorkdirLock, check_resume, describe_os_error, prepare_workdir
 

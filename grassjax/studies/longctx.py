@@ -18,8 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
-from grassjax.train.compare import budget_note, log_report
-from grassjax.train.config import ArmSpec
+from grassjax.studies.arms import ArmSpec
+from grassjax.studies.report import budget_note, log_report
 from grassjax.train.loop import TrainResult
 
 

@@ -3,8 +3,8 @@
 Every arm shares the config's data, train, stats and wandb sections (same
 budget, same data stream and seeds); an arm changes only the model fields
 listed under `arms.<name>`, and the train or data settings under its `train` and
-`data` keys. compare.match decides how long each arm trains (grassjax.train.matching);
-compare.blocks runs every arm at several block sizes, reported by grassjax.train.longctx.
+`data` keys. compare.match decides how long each arm trains (grassjax.studies.matching);
+compare.blocks runs every arm at several block sizes, reported by grassjax.studies.longctx.
 All runs share one W&B group, so the dashboard overlays them.
 """
 
@@ -16,32 +16,16 @@ import math
 import pathlib
 from typing import Callable, Sequence
 
-import ml_collections
 import numpy as np
 
 from grassjax.baselines.runner import fit_ngram_lines
-from grassjax.trained import evaluate_run
-from grassjax.train.config import ArmSpec, apply_arm, comparison_arms
+from grassjax.inference import evaluate_run
+from grassjax.studies.ablation import waterfall, waterfall_markdown
+from grassjax.studies.arms import arm_config, comparison_arms
+from grassjax.studies.longctx import write_block_report
+from grassjax.studies.matching import apply_plan, plan_steps
+from grassjax.studies.report import budget_note, finite_mean, log_report, mean_std, scaled
 from grassjax.train.loop import TrainResult, train
-from grassjax.train.matching import apply_plan, plan_steps
-from grassjax.train.run_logger import RunLogger
-
-
-def arm_config(config, arm: str, seed: int, group: str, spec: ArmSpec | None = None) -> ml_collections.ConfigDict:
-    """The single-run config of one arm and seed (`spec`: the arm at one of compare.blocks)."""
-    spec = spec or ArmSpec(arm, arm, None, {k: v for k, v in config.arms[arm].to_dict().items() if k != "per_block"})
-    cfg = apply_arm(config, spec.arm, spec.changes)
-    del cfg.arms, cfg.compare
-    cfg.train.seed = seed
-    cfg.wandb.group = group
-    cfg.wandb.tags = tuple(cfg.wandb.tags) + (f"arm:{spec.name}",) + ((f"block:{spec.block}",) if spec.block else ())
-    return cfg
-
-
-def mean_std(values) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value)."""
-    values = np.asarray(values, np.float64)
-    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
 # An arm whose last sampled val loss ends this far above its best (nats, mean over seeds) has overfitted: the report
@@ -53,7 +37,7 @@ def summarise(results: dict[str, list[TrainResult]], evals: dict[str, list[dict]
     """One row per arm: means (and std over seeds) of the headline numbers.
 
     The final numbers (val_loss, bpc) are from the evaluation over the whole validation split
-    (grassjax.trained.evaluate_run); best_val_loss is the sampled-window estimate the curves use, best_step
+    (grassjax.inference.evaluate_run); best_val_loss is the sampled-window estimate the curves use, best_step
     where it was reached, and overfit how far the last sampled estimate ended above it.
     """
     rows = []
@@ -71,10 +55,10 @@ def summarise(results: dict[str, list[TrainResult]], evals: dict[str, list[dict]
             val_loss=full_mean, val_loss_std=full_std, val_tokens=evals[arm][0]["tokens_scored"],
             best_val_loss=loss_mean, best_val_loss_std=loss_std, best_step=best_step, overfit=overfit,
             bpc=full_mean / math.log(2), bpc_std=full_std / math.log(2),
-            tokens_per_s=_finite_mean([r.tokens_per_s for r in runs]),  # a run resumed at its end timed no step
-            step_time_ms=_finite_mean([r.step_time_ms for r in runs]),
-            step_memory_mb=_scaled(runs[0].step_memory_bytes, 2**20),  # nan where XLA gives no number
-            gflops_per_step=_scaled(runs[0].step_flops, 1e9),
+            tokens_per_s=finite_mean([r.tokens_per_s for r in runs]),  # a run resumed at its end timed no step
+            step_time_ms=finite_mean([r.step_time_ms for r in runs]),
+            step_memory_mb=scaled(runs[0].step_memory_bytes, 2**20),  # nan where XLA gives no number
+            gflops_per_step=scaled(runs[0].step_flops, 1e9),
             wall_time_s=float(np.mean([r.wall_time_s for r in runs])),
             steps=float(np.mean([r.final_step for r in runs])),
             tokens=float(np.mean([r.final_step * r.tokens_per_step for r in runs])),
@@ -83,68 +67,12 @@ def summarise(results: dict[str, list[TrainResult]], evals: dict[str, list[dict]
     return rows
 
 
-def _finite_mean(values) -> float:
-    """Mean of the finite values (nan if none)."""
-    finite = [v for v in values if v is not None and math.isfinite(v)]
-    return float(np.mean(finite)) if finite else math.nan
-
-
-def _scaled(value, unit: float) -> float:
-    return math.nan if value is None else value / unit
-
-
 def add_gaps(rows: list[dict], baseline: str) -> list[dict]:
     """Each row plus its gap to the `baseline` arm in the headline val loss (whole split): delta_loss
     (nats/token, positive = worse), the perplexity ratio e^delta_loss, and gap_pct (relative difference)."""
     base = next(r for r in rows if r["arm"] == baseline)["val_loss"]
     return [dict(r, delta_loss=r["val_loss"] - base, ppl_ratio=math.exp(r["val_loss"] - base),
                  gap_pct=100 * (r["val_loss"] / base - 1)) for r in rows]
-
-
-def describe_change(changes: dict) -> str:
-    """An arm's changes as one short string: "offsets=(1, 2); offsets_per_layer=True; train.learning_rate=0.002"."""
-    flat = {}
-    for k, v in changes.items():
-        flat.update({f"train.{tk}": tv for tk, tv in v.items()} if k == "train" else {k: v})
-    return "; ".join(f"{k}={tuple(v) if isinstance(v, list) else v}" for k, v in flat.items()) or "(none)"
-
-
-def waterfall(rows: list[dict], *, reference: str, baseline: str, changes: dict[str, dict] | None = None) -> list[dict]:
-    """How much of the `reference` arm's gap to `baseline` each other arm closes.
-
-    gap = L(reference) - L(baseline), L the headline val loss (final model, whole validation split,
-    mean over seeds), in nats/token. For arm a, closed = L(reference) - L(a) and closed_share =
-    closed / gap: 0 = no better than the reference, 1 = all the way to the baseline, > 1 = beyond it,
-    < 0 = worse than the reference. closed_se is the standard error of `closed` from the seed spreads of
-    both arms (0 with one seed).
-    """
-    by_arm = {r["arm"]: r for r in rows}
-    ref, base = by_arm[reference], by_arm[baseline]
-    gap = ref["val_loss"] - base["val_loss"]
-    out = []
-    for r in rows:
-        closed = ref["val_loss"] - r["val_loss"]
-        se = math.sqrt(r["val_loss_std"] ** 2 / r["seeds"] + ref["val_loss_std"] ** 2 / ref["seeds"]) \
-            if r["arm"] != reference else 0.0
-        out.append(dict(arm=r["arm"], change=describe_change((changes or {}).get(r["arm"], {})),
-                        val_loss=r["val_loss"], best_val_loss=r["best_val_loss"],
-                        delta_loss=r["val_loss"] - base["val_loss"], ppl_ratio=math.exp(r["val_loss"] - base["val_loss"]),
-                        closed=closed, closed_se=se, closed_share=closed / gap if gap != 0 else math.nan))
-    return out
-
-
-def waterfall_markdown(steps: list[dict], *, reference: str, baseline: str) -> str:
-    gap = next(s for s in steps if s["arm"] == baseline)["closed"]
-    lines = [f"## Waterfall: how much of the `{reference}` → `{baseline}` gap each arm closes", "",
-             f"Gap = L({reference}) − L({baseline}) = {gap:+.4f} nats/token (ppl ratio {math.exp(gap):.3f}), L the "
-             "val loss over the whole split. closed = L({0}) − L(arm), ± its standard error over seeds; share = "
-             "closed / gap (1 = matches the baseline, negative = worse than the reference).".format(reference), "",
-             "| arm | change from the base config | val loss | Δ vs baseline | ppl ratio | closed (nats) "
-             "| share of gap closed |", "|---|---|---|---|---|---|---|"]
-    for s in steps:
-        lines.append(f"| {s['arm']} | {s['change']} | {s['val_loss']:.4f} | {s['delta_loss']:+.4f} | "
-                     f"{s['ppl_ratio']:.3f} | {s['closed']:+.4f} ± {s['closed_se']:.4f} | {100 * s['closed_share']:+.1f}% |")
-    return "\n".join(lines)
 
 
 def report_markdown(rows: list[dict], samples: dict[str, str], *, exp_name: str, steps: int, baseline: str,
@@ -273,21 +201,6 @@ def plot_report(results: dict[str, list[TrainResult]], out: pathlib.Path,
     return paths
 
 
-def budget_note(config, plans: dict[str, dict]) -> str:
-    """One phrase for the report: how the arms were matched."""
-    match = config.compare.get("match", "params")
-    steps = ", ".join(f"{arm} {plan['steps']:,}" for arm, plan in plans.items())
-    if match == "time":
-        return (f"Matched by training time: {config.compare.time_budget_s:g} s per run (perf/elapsed_s: the steps "
-                f"and their batches; no compilation, logging or evaluation), one arm after the other on this machine, each "
-                f"arm's step count fixed from a timed warm-up (`<arm>/steps.json`) so its cosine schedule spans the "
-                f"budget; steps: {steps}")
-    if match == "tokens":
-        return f"Matched by training tokens: {next(iter(plans.values()))['tokens_budget']:,} per run; steps: {steps}"
-    return f"{config.train.steps} steps per run" if len({p["steps"] for p in plans.values()}) == 1 \
-        else f"Matched by parameters; steps: {steps}"
-
-
 def run_comparison(config, *, workdir, exp_name: str, data_dir: str | None = None, wandb_mode: str | None = None,
                    print_fn: Callable[[str], None] = print) -> dict:
     """Train every arm for every seed, then write <workdir>/report/ and log the table to W&B."""
@@ -316,8 +229,6 @@ def run_comparison(config, *, workdir, exp_name: str, data_dir: str | None = Non
     report_dir = workdir / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
     if config.compare.get("blocks"):
-        from grassjax.train.longctx import write_block_report  # it builds on this module
-
         return write_block_report(config, specs, rows, results, plans, report_dir=report_dir, exp_name=exp_name,
                                   group=group, wandb_mode=wandb_mode, print_fn=print_fn)
     return _write_report(config, rows, results, plans, report_dir=report_dir, exp_name=exp_name, group=group,
@@ -354,20 +265,3 @@ def _write_report(config, rows, results, plans, *, report_dir, exp_name, group, 
             "plans": plans}
 
 
-def log_report(config, report_dir: pathlib.Path, tables: dict[str, list[dict]], plots: Sequence[pathlib.Path], *,
-               exp_name: str, group: str, wandb_mode: str | None, step: int, print_fn) -> None:
-    """The report's own W&B run in the comparison's group: each non-empty table, and the plots as images."""
-    with RunLogger(workdir=report_dir, project=config.wandb.project, name=f"{exp_name}-report", group=group,
-                   tags=list(config.wandb.tags) + ["report"], config=config.to_dict(), mode=wandb_mode,
-                   job_type="report", print_fn=print_fn) as logger:
-        for key, table in tables.items():
-            if table:
-                columns = list(table[0])
-                logger.log_table(key, columns, [[row[c] for c in columns] for row in table], step=step)
-        logger.log_images({p.stem: _read_png(p) for p in plots}, step=step)
-
-
-def _read_png(path: pathlib.Path) -> np.ndarray:
-    import matplotlib.image
-
-    return (matplotlib.image.imread(path)[..., :3] * 255).astype(np.uint8)

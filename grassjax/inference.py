@@ -5,17 +5,17 @@
                                                max_new_tokens=40)
     print(vocab.decode(ids[0]))
 
-`launch.py --mode=sample` and `--mode=evaluate` are thin wrappers around `stream_tokens` and `evaluate_split`.
+`launch.py --mode=sample` and `--mode=evaluate` are thin wrappers around
+`grassjax.generation.stream_tokens` and `evaluate_split`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import pathlib
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +23,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from grassjax import generation
+from grassjax.generation import stream_tokens
 from grassjax.data import CharVocab, DataError
 from grassjax.nn.model import BigramLanguageModel, build_model
 from grassjax.train.workdir import CONFIG_NAME
@@ -98,61 +98,6 @@ def encode_prompt(vocab, prompt: str) -> np.ndarray:
     if len(ids) == 0:
         raise RunError("--prompt encodes to no tokens; pass at least one character of the vocabulary")
     return np.asarray(ids, np.int32)
-
-
-# Module-level jits with the graph as a static argument: compiled once per model shape, not per call.
-@functools.partial(jax.jit, static_argnames=("temperature", "top_k"))
-def _draw(logits, key, *, temperature, top_k):
-    return generation.sample_logits(logits, key, temperature=temperature, top_k=top_k)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_len"))
-def _prefill(graphdef, state, ids, *, max_len):
-    return generation.prefill(nnx.merge(graphdef, state), ids, max_len)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _decode(graphdef, state, token, caches):
-    return generation.decode_step(nnx.merge(graphdef, state), token, caches)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _bigram_logits(graphdef, state, ids):
-    return nnx.merge(graphdef, state)(ids)[:, -1]
-
-
-def stream_tokens(model, prompt_ids: np.ndarray, key: jax.Array, *, num_tokens: int, temperature: float = 1.0,
-                  top_k: int | None = None) -> Iterator[int]:
-    """Yield num_tokens sampled token ids one at a time, with the cached decoder of grassjax.generation.
-
-    Attention layers keep a KV cache, Grassmann layers a window of max(offsets) reduced states. Learned
-    position embeddings end at block_size, so when the cache is full the last block_size // 2 tokens are
-    prefilled again (nanoGPT crops its context the same way, but recomputes every token).
-    """
-    graphdef, state = nnx.split(model)
-    block = model.cfg.block_size
-    bigram = isinstance(model, BigramLanguageModel)  # its next token depends on the last one only
-    draw = functools.partial(_draw, temperature=float(temperature), top_k=top_k)
-    context = list(int(t) for t in prompt_ids[-block:])
-    if not bigram:
-        logits, caches = _prefill(graphdef, state, jnp.asarray([context], jnp.int32), max_len=block)
-        pos = len(context)
-    for _ in range(num_tokens):
-        if bigram:
-            logits = _bigram_logits(graphdef, state, jnp.asarray([[context[-1]]], jnp.int32))
-        key, sub = jax.random.split(key)
-        token = int(draw(logits, sub)[0])
-        context.append(token)
-        yield token
-        if bigram:
-            continue
-        if pos == block:  # the position embeddings end here: start again from the recent half
-            context = context[-(block // 2):]
-            logits, caches = _prefill(graphdef, state, jnp.asarray([context], jnp.int32), max_len=block)
-            pos = len(context)
-        else:
-            logits, caches = _decode(graphdef, state, jnp.asarray([token], jnp.int32), caches)
-            pos += 1
 
 
 def eval_windows(num_tokens: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:

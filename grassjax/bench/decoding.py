@@ -6,7 +6,6 @@ Per context n and mixer: prefill n random tokens, then time a jitted scan decodi
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import time
@@ -14,13 +13,13 @@ import time
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
 
 from grassjax import generation
 from grassjax.bench import timing
 from grassjax.nn import ModelConfig, build_model, param_counts
-from grassjax.train.run_logger import RunLogger
+from grassjax.runlog import RunLogger
+from grassjax.runlog.records import write_json
 
 MIB = 2**20
 
@@ -184,15 +183,7 @@ def run_generation_benchmark(config: ml_collections.ConfigDict, *, workdir, exp_
         "summary": summary,
         "table": table,
     }
-    with open(workdir / "results.json", "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, default=_json_default)
+    write_json(workdir / "results.json", results, indent=2)
     print(f"wrote {workdir / 'results.json'} and {workdir / 'generation.png'} in {results['wall_s']:.0f} s")
     return results
 
-
-def _json_default(value):
-    if isinstance(value, (np.generic, np.ndarray)):
-        return value.tolist()
-    if isinstance(value, tuple):
-        return list(value)
-    return str(value)

@@ -21,9 +21,9 @@ import zlib
 import numpy as np
 import pytest
 
-from grassjax import wandb_offline
-from grassjax.train.run_logger import (WANDB_MODES, RunLogger, WandbCredentialsError, read_metrics_jsonl,
-                                       resolve_wandb_mode)
+from grassjax.runlog import offline as wandb_offline
+from grassjax.runlog import (WANDB_MODES, RunLogger, WandbCredentialsError, read_metrics_jsonl,
+                             resolve_wandb_mode)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -238,8 +238,8 @@ def test_resume_reuses_the_run_id_and_appends(tmp_path):
 # --------------------------------------------------------------------------------------------- no stdin reads
 CHILD = """
 import sys
-from grassjax import wandb_offline
-from grassjax.train.run_logger import RunLogger
+from grassjax.runlog import offline as wandb_offline
+from grassjax.runlog import RunLogger
 with RunLogger(workdir=sys.argv[1], project="p", name="n", group=None, tags=[], config={}) as lg:
     lg.log({"train/loss": 1.25}, step=7)
 print("MODE", lg.mode)
@@ -379,7 +379,7 @@ def test_reader_reassembles_fragments_and_skips_block_padding(tmp_path):
 def test_online_with_a_key_but_a_silent_server_falls_back_to_offline_within_the_cap(tmp_path, monkeypatch,
                                                                                    local_wandb_server):
     """A server that accepts and never answers (no network, a proxy black hole): wandb alone waits 90 s."""
-    from grassjax.train import run_logger
+    from grassjax.runlog import logger as run_logger
 
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.setattr(run_logger, "WANDB_INIT_TIMEOUT_S", 3.0)

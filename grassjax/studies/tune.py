@@ -24,19 +24,12 @@ from typing import Callable
 
 import ml_collections
 
+from grassjax.extras import require
 from grassjax.train.loop import NonFiniteLossError, train
 
 
-class MissingExtraError(RuntimeError):
-    """An optional dependency is not installed; the message names the pip command."""
-
-
 def import_optuna():
-    try:
-        import optuna
-    except ImportError:
-        raise MissingExtraError("tuning needs optuna, which is not installed: pip install -e .[tune]") from None
-    return optuna
+    return require("optuna", extra="tune", feature="tuning")
 
 
 def trial_config(config, *, learning_rate: float, number: int, exp_name: str, group: str) -> ml_collections.ConfigDict:

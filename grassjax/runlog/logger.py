@@ -1,9 +1,8 @@
 """One object every run logs through: Weights & Biases, plus plain files in the workdir that exist without it.
 
-Mode "auto" goes online only with credentials, else offline, so a run never waits at a login prompt. The files
-(metrics.jsonl, images/, tables.jsonl, histograms.jsonl, summary.json, wandb_run_id) and how a resumed run
-continues them: README, "Weights & Biases". Every W&B row carries "step", the default x axis of every metric;
-`step_metrics` gives some keys another one (a time-matched run plots val/* against perf/elapsed_s).
+The files (metrics.jsonl, images/, tables.jsonl, histograms.jsonl, summary.json, wandb_run_id) and how a
+resumed run continues them: docs/dashboard.md. Every W&B row carries "step", the default x axis of every
+metric; `step_metrics` gives some keys another one (a time-matched run plots val/* against perf/elapsed_s).
 """
 
 from __future__ import annotations
@@ -11,149 +10,18 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import json
-import math
-import netrc
-import os
 import pathlib
 import re
-import socket
-import threading
 import time
 from typing import Any, Callable, Iterable, Sequence
-from urllib.parse import urlparse
 
 import numpy as np
 
-WANDB_MODES = ("auto", "online", "offline", "disabled")
+from grassjax.runlog.records import dumps, json_safe, scalar
+from grassjax.runlog.wandb_mode import resolve_wandb_mode
+
 WANDB_INIT_TIMEOUT_S = 20.0  # how long an online wandb.init may wait for the server before we go offline
 DEFAULT_SUMMARY_MIN = ("val/loss", "val/bpc", "val/ppl")
-_NON_FINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
-_ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline", "disabled": "disabled"}
-
-
-class WandbCredentialsError(RuntimeError):
-    """Online mode was requested but no W&B credentials exist (wandb would prompt for them)."""
-
-
-def wandb_credentials_source() -> str | None:
-    """Where W&B credentials come from (WANDB_API_KEY, WANDB_IDENTITY_TOKEN_FILE, a netrc file), or None.
-
-    The netrc entry must be for the host of WANDB_BASE_URL (api.wandb.ai by
-    default); the netrc file is $NETRC, else ~/.netrc.
-    """
-    if os.environ.get("WANDB_API_KEY"):
-        return "WANDB_API_KEY"
-    if os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
-        return "WANDB_IDENTITY_TOKEN_FILE"
-    host = urlparse(_base_url()).hostname or "api.wandb.ai"
-    path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
-    try:
-        entry = netrc.netrc(path).authenticators(host)
-    except (OSError, netrc.NetrcParseError):
-        return None
-    return path if entry and entry[2] else None
-
-
-def _base_url() -> str:
-    return os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai"
-
-
-def wandb_host_reachable(url: str | None = None, timeout: float = 3.0) -> bool:
-    """Whether a TCP connection to the W&B server opens within `timeout` seconds (DNS included).
-
-    Assumed true behind an HTTP(S) proxy, which this check cannot see through.
-    """
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
-                                       "all_proxy")):
-        return True
-    parsed = urlparse(url or _base_url())
-    address = (parsed.hostname or "api.wandb.ai", parsed.port or (80 if parsed.scheme == "http" else 443))
-    result = []
-
-    def connect():
-        try:
-            socket.create_connection(address, timeout=timeout).close()
-            result.append(True)
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=connect, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(result)
-
-
-def resolve_wandb_mode(requested: str | None) -> tuple[str, str]:
-    """(mode, reason) for a requested mode: None or "auto", "online", "offline", "disabled".
-
-    auto: the WANDB_MODE environment variable if it names a mode, else online
-    when credentials exist (see wandb_credentials_source) and the W&B server
-    answers (wandb_host_reachable; wandb.init would otherwise wait 90 s before
-    failing), and offline when not.
-    Raises ValueError for an unknown mode and WandbCredentialsError for online
-    without credentials (instead of letting wandb prompt for a login).
-    """
-    mode = "auto" if requested is None else str(requested).strip().lower()
-    if mode not in WANDB_MODES:
-        raise ValueError(f"invalid W&B mode {requested!r}; valid modes: {', '.join(WANDB_MODES)}")
-    reason = f"{mode} requested"
-    if mode == "auto":
-        env_mode = _ENV_MODES.get(os.environ.get("WANDB_MODE", "").strip().lower())
-        if env_mode is not None:
-            mode, reason = env_mode, f"WANDB_MODE={os.environ['WANDB_MODE']}"
-        else:
-            source = wandb_credentials_source()
-            if source is None:
-                return "offline", "no credentials found"
-            if not wandb_host_reachable():
-                return "offline", f"credentials found but {urlparse(_base_url()).hostname} is unreachable"
-            return "online", f"credentials from {source}"
-    if mode == "online" and wandb_credentials_source() is None:
-        raise WandbCredentialsError(
-            f"W&B online mode ({reason}) needs credentials: set WANDB_API_KEY or run `wandb login`, "
-            "or use offline mode and `wandb sync` later")
-    return mode, reason
-
-
-def _scalar(key: str, value: Any) -> bool | int | float | str:
-    """A Python scalar from a Python/NumPy/JAX scalar (or size-1 array)."""
-    if isinstance(value, (bool, int, float, str)):
-        return value
-    if isinstance(value, np.generic):
-        return value.item()
-    try:
-        array = np.asarray(value)
-    except Exception as e:  # noqa: BLE001 - report which key was bad
-        raise TypeError(f"{key}: cannot log {type(value).__name__} as a scalar") from e
-    if array.size != 1 or array.dtype.kind not in "biuf":
-        raise TypeError(f"{key}: expected a real scalar, got {type(value).__name__} "
-                        f"of shape {array.shape} and dtype {array.dtype}")
-    return array.reshape(()).item()
-
-
-def _json_safe(value: Any) -> Any:
-    """Strict-JSON value: non-finite floats as "NaN"/"Infinity"/"-Infinity", NumPy scalars as Python."""
-    if isinstance(value, float):
-        if math.isfinite(value):
-            return value
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _json_safe(value.tolist())
-    if isinstance(value, np.generic):
-        return _json_safe(value.item())
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if hasattr(value, "shape") and hasattr(value, "dtype"):  # a JAX array
-        return _json_safe(np.asarray(value).tolist())
-    return str(value)
-
-
-def _dumps(record: dict) -> str:
-    return json.dumps(_json_safe(record), allow_nan=False)
 
 
 def _file_stem(key: str) -> str:
@@ -260,7 +128,7 @@ class RunLogger:
 
     @property
     def run_file(self) -> pathlib.Path | None:
-        """The run's transaction log (run-<id>.wandb; see grassjax.wandb_offline), None when disabled."""
+        """The run's transaction log (run-<id>.wandb; see grassjax.runlog.offline), None when disabled."""
         return pathlib.Path(self.run.settings.sync_file) if self.run is not None else None
 
     @property
@@ -274,7 +142,7 @@ class RunLogger:
 
     def _append(self, filename: str, record: dict) -> None:
         with open(self.workdir / filename, "a", encoding="utf-8") as f:
-            f.write(_dumps(record) + "\n")
+            f.write(dumps(record) + "\n")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         """Scalars (Python, NumPy or JAX) at a step: one W&B history row and one metrics.jsonl line."""
@@ -282,8 +150,8 @@ class RunLogger:
         if "step" in metrics:
             raise ValueError("'step' is the step axis; pass it as the step argument, not as a metric")
         step = int(step)
-        values = {str(k): _scalar(str(k), v) for k, v in metrics.items()}
-        self._jsonl.write(_dumps({"step": step, **values}) + "\n")
+        values = {str(k): scalar(str(k), v) for k, v in metrics.items()}
+        self._jsonl.write(dumps({"step": step, **values}) + "\n")
         self._jsonl.flush()
         if self.run is not None:
             self.run.log({"step": step, **values})
@@ -341,10 +209,10 @@ class RunLogger:
     def set_summary(self, values: dict[str, Any]) -> None:
         """Run summary values (W&B summary, and merged into <workdir>/summary.json)."""
         self._check_open()
-        values = {str(k): (v if isinstance(v, (dict, list)) else _scalar(str(k), v)) for k, v in values.items()}
+        values = {str(k): (v if isinstance(v, (dict, list)) else scalar(str(k), v)) for k, v in values.items()}
         path = self.workdir / "summary.json"
         summary = json.loads(path.read_text()) if path.exists() else {}
-        summary.update(_json_safe(values))
+        summary.update(json_safe(values))
         path.write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
         if self.run is not None:
             self.run.summary.update(values)
@@ -356,7 +224,7 @@ class RunLogger:
         wandb's run.finish() returns before wandb-core has written the run
         file (it does that asynchronously); this waits up to wait_s seconds
         for the file to end with the run's exit record, so the run file is
-        complete (grassjax.wandb_offline can read it) once finish returns.
+        complete (grassjax.runlog.offline can read it) once finish returns.
         """
         if self._finished:
             return
@@ -366,7 +234,7 @@ class RunLogger:
             return
         run_file = self.run_file
         self.run.finish(exit_code=int(exit_code))
-        from grassjax.wandb_offline import run_file_complete
+        from grassjax.runlog.offline import run_file_complete
 
         deadline = time.monotonic() + wait_s
         while not run_file_complete(run_file):
@@ -388,48 +256,3 @@ class RunLogger:
         with contextlib.suppress(Exception):
             self.finish(exit_code=code)
         return False
-
-
-def read_metrics_jsonl(path) -> list[dict]:
-    """The records of a metrics.jsonl in order, with "NaN"/"Infinity"/"-Infinity" back as floats.
-
-    Histogram lines (older files kept them here) are skipped, and so is a
-    half-written last line (a run killed mid-write).
-    """
-    with open(path, encoding="utf-8") as f:
-        lines = [line for line in f if line.strip()]
-    records = []
-    for i, line in enumerate(lines):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise
-        if "histogram" in record:
-            continue
-        records.append({k: _NON_FINITE.get(v, v) if isinstance(v, str) else v for k, v in record.items()})
-    return records
-
-
-def rewind_metrics(path: pathlib.Path, step: int) -> list[dict]:
-    """Drop records logged after `step` from metrics.jsonl (a resumed run re-logs them); return the rest.
-
-    Records of one step are merged, so an eval's loss and statistics come back as one dict.
-    """
-    if not path.exists():
-        return []
-    def before(line):
-        try:
-            return json.loads(line)["step"] <= step
-        except json.JSONDecodeError:  # a line half-written by a killed run
-            return False
-
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if before(line)]
-    if len(kept) != len(lines):
-        path.write_text("".join(line + "\n" for line in kept))
-    merged: dict[int, dict] = {}
-    for record in read_metrics_jsonl(path):
-        merged.setdefault(record["step"], {}).update(record)
-    return [merged[s] for s in sorted(merged)]
