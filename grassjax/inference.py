@@ -59,7 +59,7 @@ def _load_vocab(path: pathlib.Path):
 def load_run(workdir: str | pathlib.Path, print_fn: Callable[[str], None] = print) -> LoadedRun:
     """The model (newest good checkpoint), vocabulary and resolved config of a training run's workdir."""
     from grassjax.train.checkpoint import Checkpointer
-    from grassjax.train.loop import model_config_from
+    from grassjax.train.setup import model_config_from
     from grassjax.train.optim import train_hparams
     from grassjax.train.step import init_train_state
 

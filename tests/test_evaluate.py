@@ -7,14 +7,14 @@ import pytest
 import experiments
 from grassjax import generation
 from grassjax.train.evaluator import CompileThreads, Evaluator
-from grassjax.train.loop import Trainer
+from grassjax.train.setup import TrainingSetup
 from tests.conftest import TINY_OVERRIDES
 
 
 @pytest.mark.parametrize("mixer", ["grassmann", "attention"])
 def test_programs_compiled_in_the_background_serve_the_evaluations_after_training(text_data_dir, mixer):
     _, config = experiments.resolve_config("grassmann_shakespeare", {**TINY_OVERRIDES, "model.mixer": mixer})
-    trainer = Trainer.build(config, str(text_data_dir))
+    trainer = TrainingSetup.build(config, str(text_data_dir))
     evaluator = Evaluator(config, trainer.graphdef, trainer.model_cfg, trainer.dataset,
                           microbatch=trainer.layout.microbatch, mesh=trainer.mesh)
     # The losses and the probe are this evaluator's own jitted functions; the sampler is shared by the process,

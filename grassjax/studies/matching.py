@@ -29,7 +29,7 @@ import ml_collections
 import numpy as np
 
 from grassjax.data.files import write_atomically
-from grassjax.train.loop import Trainer
+from grassjax.train.setup import TrainingSetup
 from grassjax.train.parallel import batch_layout
 
 RECORD_NAME = "steps.json"
@@ -48,7 +48,7 @@ def time_train_step(cfg, data_dir: str | None, *, steps: int, repeats: int = PRO
     """Seconds per step of `cfg`'s train step on this machine: the median over `repeats` timed runs of `steps`
     steps, each fed its batch as the training loop feeds it and synchronised once at the end, as the loop
     does at each log; compilation and `warmup` untimed steps come first."""
-    trainer = Trainer.build(cfg, data_dir)
+    trainer = TrainingSetup.build(cfg, data_dir)
     t0 = time.perf_counter()
     step_fn = trainer.train_step.lower(trainer.state, *trainer.batch_at(0), trainer.hparams).compile()
     compile_s = time.perf_counter() - t0

@@ -1,4 +1,9 @@
-"""The one training loop: every model and every experiment goes through `train`."""
+"""The one training loop: every model and every experiment goes through `train`.
+
+train        the workdir, its lock and the stop signals, then one RunLoop
+RunLoop      compile, then `_train_steps` (step, log, evaluate, checkpoint), then the end of the
+             invocation: `_stop_and_save` on a signal, else `_finish` (final evaluation, summary)
+"""
 
 from __future__ import annotations
 
@@ -14,25 +19,20 @@ import time
 from typing import Any, Callable
 
 import jax
-import ml_collections
 import numpy as np
-from flax import nnx
 from tqdm.auto import tqdm
 
-from grassjax import data
 from grassjax.compiled import compiled_flops, compiled_memory_bytes
-from grassjax.nn import ModelConfig, build_model, param_counts
-from grassjax.train.checkpoint import Checkpointer
+from grassjax.runlog import RunLogger
 from grassjax.train.evaluator import Evaluator
-from grassjax.train.optim import TrainHparams, hparams_schedule, train_hparams
-from grassjax.train.parallel import batch_layout, make_mesh, replicate, shard_global_batch
-from grassjax.runlog import RunLogger, rewind_metrics
-from grassjax.train.step import TrainState, init_train_state, make_train_step
-from grassjax.train.workdir import WorkdirError, WorkdirLock, check_resume, describe_os_error, prepare_workdir
+from grassjax.train.resume import NonFiniteLossError, Run, finished_result, open_run
+from grassjax.train.workdir import WorkdirError, WorkdirLock, describe_os_error, prepare_workdir
+
+__all__ = ["NonFiniteLossError", "StopRequested", "TrainResult", "train"]
 
 
 class StopRequested(KeyboardInterrupt):
-    """The run stopped on request (SIGINT or SIGTERM) after saving; exit_code is 128 + the signal number."""
+    """The run stopped on request (SIGINT or SIGTERM) after saving; exit_code is 128 + the signal."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
@@ -40,11 +40,10 @@ class StopRequested(KeyboardInterrupt):
 
 
 class StopRequest:
-    """Turns the first SIGINT (Ctrl-C) or SIGTERM (Slurm, Kubernetes, preemption) into a request to stop
-    after the current step and save.
+    """Turns the first SIGINT (Ctrl-C) or SIGTERM (Slurm, Kubernetes, preemption) into a request to
+    stop after the current step and save; a second signal interrupts at once.
 
-    The step and any checkpoint being written are allowed to finish, so the
-    saved state is consistent. A second signal interrupts at once.
+    The step and any checkpoint being written are allowed to finish, so the saved state is consistent.
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -60,7 +59,8 @@ class StopRequest:
             raise KeyboardInterrupt
         self.requested, self.signum = True, signum
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        self.print_fn(f"{name}: stopping after this step and saving a checkpoint (send it again to abort at once)")
+        self.print_fn(f"{name}: stopping after this step and saving a checkpoint (send it again to "
+                      f"abort at once)")
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -73,10 +73,6 @@ class StopRequest:
         return False
 
 
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/inf loss; the last good checkpoint is kept."""
-
-
 @dataclasses.dataclass
 class TrainResult:
     workdir: str
@@ -84,11 +80,11 @@ class TrainResult:
     best_val_loss: float
     final_val_loss: float
     wall_time_s: float
-    compile_time_s: float  # before training: the train step, with the evaluation programs compiling beside it
+    compile_time_s: float  # the train step, with the evaluation programs compiling beside it
     step_time_ms: float
     tokens_per_s: float
-    step_memory_bytes: int | None  # XLA's estimate for one train step: arguments + outputs + temporaries
-    step_flops: float | None  # XLA's cost analysis of one train step (None where the backend gives none)
+    step_memory_bytes: int | None  # XLA's estimate for one step: arguments + outputs + temporaries
+    step_flops: float | None  # XLA's cost analysis of one train step (None where there is none)
     params: dict[str, int]
     sample: str
     history: list[dict[str, float]]  # one dict per eval
@@ -96,148 +92,10 @@ class TrainResult:
     tokens_per_step: int = 0  # global batch x block
 
 
-def model_config_from(config, vocab_size: int) -> ModelConfig:
-    """The ModelConfig for an experiment config: vocab from the data, block size from data.block_size."""
-    values = dict(config.model)
-    values.update(vocab_size=vocab_size, block_size=config.data.block_size)
-    return ModelConfig.from_mapping(values)
-
-
-def _wandb_identity(config, exp_name: str) -> dict[str, Any]:
-    seed = config.train.seed
-    architecture = "bigram" if config.model.kind == "bigram" else config.model.mixer
-    tags = list(config.wandb.tags) + [architecture, config.data.dataset]
-    return dict(project=config.wandb.project, name=config.wandb.name or f"{exp_name}-s{seed}",
-                group=config.wandb.group or exp_name, tags=sorted(set(tags)))
-
-
-def train(config, *, workdir: str | pathlib.Path, exp_name: str = "run", data_dir: str | None = None,
-          wandb_mode: str | None = None, print_fn: Callable[[str], None] = print,
-          on_eval: Callable[[int, dict[str, float]], bool] | None = None) -> TrainResult:
-    """Train `config` (an experiment ConfigDict) in `workdir`, resuming from its latest checkpoint.
-
-    on_eval(step, metrics), if given, runs after every evaluation; returning True stops training there
-    (checkpoint saved, W&B run finished normally, result.final_step < steps). Hyperparameter search uses
-    it to report intermediate losses and prune.
-
-    The workdir is checked writable and locked for the whole run (process 0), and SIGINT/SIGTERM
-    are turned into "save and stop" (StopRequested) from the start.
-    """
-    workdir = pathlib.Path(workdir)
-    is_main = jax.process_index() == 0  # only process 0 logs to W&B, prints and writes the workdir
-    if is_main:
-        prepare_workdir(workdir)
-    else:
-        print_fn(f"process {jax.process_index()} of {jax.process_count()}: training in step with process 0, "
-                 f"which prints and writes {workdir}")
-        print_fn = lambda *_: None  # noqa: E731
-    with contextlib.ExitStack() as stack:
-        stack.enter_context(WorkdirLock(workdir) if is_main else contextlib.nullcontext())
-        stop = stack.enter_context(StopRequest(print_fn))
-        scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="grassjax-")) if not is_main else None
-        try:
-            run = _Run.prepare(config, workdir, data_dir, print_fn)
-            return _loop(run, exp_name=exp_name, wandb_mode=wandb_mode, print_fn=print_fn, stop=stop,
-                         log_dir=workdir if scratch is None else pathlib.Path(scratch), on_eval=on_eval)
-        except OSError as err:  # a write before the loop (vocab.json, run_config.json, the logs) on a full disk
-            raise WorkdirError(f"cannot write in {workdir} ({describe_os_error(err)}); free space or pass another "
-                               f"--workdir", exit_code=1) from None
-
-
-@dataclasses.dataclass
-class Trainer:
-    """A run's training setup in memory: data, model, initial optimizer state, the jitted train step and the
-    batches. No workdir: `train` adds checkpoints and logs; a time-matched comparison times its steps with it."""
-
-    config: Any
-    dataset: Any
-    model_cfg: ModelConfig
-    graphdef: Any
-    counts: dict[str, int]
-    state: TrainState  # freshly initialised, replicated over the mesh
-    hparams: TrainHparams  # the train step's last argument, replicated
-    schedule: Callable  # the learning rate at a step, for the logs
-    train_step: Callable  # jitted, not yet compiled: train_step(state, x, y, hparams)
-    layout: Any
-    mesh: Any
-
-    @classmethod
-    def build(cls, config, data_dir: str | None) -> "Trainer":
-        tc = config.train
-        mesh = make_mesh()
-        layout = batch_layout(tc)  # fails early, naming the keys, if the batch does not split over the devices
-        dataset = data.load_dataset(config.data, data_dir)
-        if tc.epochs > 0:  # the paper's budgets are in epochs: turn them into optimizer steps
-            config = ml_collections.ConfigDict(config.to_dict())
-            config.train.steps = math.ceil(tc.epochs * len(dataset.train) / (layout.global_batch * config.data.block_size))
-            tc = config.train
-        model_cfg = model_config_from(config, dataset.vocab.size)
-        model = build_model(model_cfg, seed=tc.seed)
-        graphdef, params = nnx.split(model, nnx.Param)
-        hparams = train_hparams(tc)
-        state = replicate(init_train_state(params, hparams), mesh)
-        schedule = hparams_schedule(hparams)
-        train_step = make_train_step(graphdef, dropout=model_cfg.dropout, grad_accum_steps=layout.grad_accum_steps)
-        return cls(config, dataset, model_cfg, graphdef, param_counts(model), state, replicate(hparams, mesh),
-                   schedule, train_step, layout, mesh)
-
-    def batch_at(self, step: int):
-        """The global batch of `step`, sharded over the mesh: a pure function of (seed, step)."""
-        x, y = data.sample_batch(self.dataset.train, batch_size=self.layout.global_batch,
-                                 block_size=self.config.data.block_size, seed=self.config.train.seed, step=step)
-        return shard_global_batch(x, self.mesh), shard_global_batch(y, self.mesh)
-
-
-@dataclasses.dataclass
-class _Run(Trainer):
-    """A Trainer in its workdir: the checkpointer, the state to start from and the evals logged before it."""
-
-    workdir: pathlib.Path = None
-    checkpointer: Checkpointer = None
-    history: list[dict] = None  # the evals logged before start_step (a resumed run)
-    elapsed_s: float = 0.0  # training seconds before start_step (perf/elapsed_s of a resumed run)
-
-    @classmethod
-    def prepare(cls, config, workdir: pathlib.Path, data_dir: str | None, print_fn) -> "_Run":
-        trainer = Trainer.build(config, data_dir)
-        config, is_main = trainer.config, jax.process_index() == 0
-        if is_main:
-            (workdir / "vocab.json").write_text(json.dumps(trainer.dataset.vocab.to_dict()))
-        checkpointer = Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
-        has_checkpoint = checkpointer.latest_step() is not None
-        # Refuse a workdir written by another config before touching its checkpoints.
-        check_resume(workdir, config.to_dict(), has_checkpoint=has_checkpoint, write=is_main, print_fn=print_fn)
-        state = trainer.state
-        if has_checkpoint:
-            state = checkpointer.restore_newest_good(state, print_fn)
-            print_fn(f"Resuming from step {int(state.step)} in {checkpointer.directory}")
-        # Forget what a crashed run logged past its last checkpoint; recover the evals and the clock before it.
-        records = rewind_metrics(workdir / "metrics.jsonl", int(state.step))
-        elapsed = max((r["perf/elapsed_s"] for r in records if "perf/elapsed_s" in r), default=0.0)
-        fields = {f.name: getattr(trainer, f.name) for f in dataclasses.fields(Trainer)}
-        return cls(**{**fields, "state": state}, workdir=workdir,
-                   checkpointer=checkpointer, history=[r for r in records if "val/loss" in r], elapsed_s=elapsed)
-
-    def kept_message(self) -> str:
-        kept = self.checkpointer.latest_step()
-        if kept is None:
-            return "no checkpoint had been saved yet"
-        return f"last good checkpoint kept at step {kept} in {self.checkpointer.directory}"
-
-    def check_finite(self, metrics, step: int) -> float:
-        loss = float(metrics["loss"])  # blocks until the step is done
-        if not math.isfinite(loss):
-            raise NonFiniteLossError(
-                f"non-finite training loss ({loss}) at step {step}; {self.kept_message()}. Lower "
-                f"--config.train.learning_rate or raise --config.train.warmup_steps and rerun."
-            )
-        return loss
-
-
 class TrainClock:
-    """perf/elapsed_s: seconds spent training -- running the steps and feeding them their batches -- counted on
-    from `offset` (a resumed run's clock). Compilation happens before the clock starts; logging, evaluation and
-    checkpoints run inside `paused()`."""
+    """perf/elapsed_s: seconds spent training (running the steps and feeding them their batches),
+    counted on from `offset` (a resumed run's clock). Compilation happens before the clock starts;
+    logging, evaluation and checkpoints run inside `paused()`."""
 
     def __init__(self, offset: float = 0.0):
         self.offset, self.start = offset, time.perf_counter()
@@ -254,120 +112,193 @@ class TrainClock:
             self.start += time.perf_counter() - t0
 
 
-def _loop(run: _Run, *, exp_name: str, wandb_mode: str | None, print_fn, stop: StopRequest, log_dir: pathlib.Path,
-          on_eval) -> TrainResult:
-    config, tc, state, history = run.config, run.config.train, run.state, run.history
-    is_main, start_step = jax.process_index() == 0, int(run.state.step)
-    tokens_per_step = run.layout.global_batch * config.data.block_size
-    evaluator = Evaluator(config, run.graphdef, run.model_cfg, run.dataset, microbatch=run.layout.microbatch,
-                          mesh=run.mesh)
-    identity = _wandb_identity(config, exp_name)
-    logger = RunLogger(workdir=log_dir, config=config.to_dict(), print_fn=print_fn, job_type="train",
-                       mode=wandb_mode if is_main else "disabled",  # other processes: off W&B
-                       step_metrics=_step_metrics(config), **identity)
-    stop_at = tc.steps if tc.stop_after <= 0 else min(tc.steps, tc.stop_after)
-    sample, step_times, step = "", [], start_step
-    progress = tqdm(total=stop_at, initial=start_step, desc=identity["name"], dynamic_ncols=True,
-                    disable=None if is_main else True)
+def train(config, *, workdir: str | pathlib.Path, exp_name: str = "run", data_dir: str | None = None,
+          wandb_mode: str | None = None, print_fn: Callable[[str], None] = print,
+          on_eval: Callable[[int, dict[str, float]], bool] | None = None) -> TrainResult:
+    """Train `config` (an experiment ConfigDict) in `workdir`, resuming from its latest checkpoint.
 
-    def evaluate(state, step) -> str:  # the sample; off the training clock
-        with clock.paused():
+    on_eval(step, metrics), if given, runs after every evaluation; returning True stops training
+    there (checkpoint saved, W&B run finished normally, result.final_step < steps). Hyperparameter
+    search uses it to report intermediate losses and prune.
+
+    The workdir is checked writable and locked for the whole run (process 0), and SIGINT/SIGTERM
+    are turned into "save and stop" (StopRequested) from the start.
+    """
+    workdir = pathlib.Path(workdir)
+    is_main = jax.process_index() == 0  # only process 0 logs to W&B, prints and writes the workdir
+    if is_main:
+        prepare_workdir(workdir)
+    else:
+        print_fn(f"process {jax.process_index()} of {jax.process_count()}: training in step with "
+                 f"process 0, which prints and writes {workdir}")
+        print_fn = lambda *_: None  # noqa: E731
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(WorkdirLock(workdir) if is_main else contextlib.nullcontext())
+        stop = stack.enter_context(StopRequest(print_fn))
+        log_dir = workdir if is_main else \
+            pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="grassjax-")))
+        try:
+            run = open_run(config, workdir, data_dir, print_fn)
+            loop = RunLoop(run, exp_name=exp_name, wandb_mode=wandb_mode, print_fn=print_fn, stop=stop,
+                           log_dir=log_dir, on_eval=on_eval)
+            return loop.execute()
+        except OSError as err:  # a write before the loop (vocab.json, run_config.json, the logs)
+            raise WorkdirError(f"cannot write in {workdir} ({describe_os_error(err)}); free space or "
+                               f"pass another --workdir", exit_code=1) from None
+
+
+class RunLoop:
+    """One invocation of a run: from the step it was restored at to train.stop_after (or the end)."""
+
+    def __init__(self, run: Run, *, exp_name: str, wandb_mode: str | None, print_fn, stop: StopRequest,
+                 log_dir: pathlib.Path, on_eval):
+        setup, config = run.setup, run.config
+        self.run, self.setup, self.tc = run, setup, config.train
+        self.print_fn, self.stop, self.on_eval = print_fn, stop, on_eval
+        self.is_main = jax.process_index() == 0
+        self.state, self.step, self.history = run.state, int(run.state.step), run.history
+        self.start_step = self.step
+        self.stop_at = self.tc.steps if self.tc.stop_after <= 0 else min(self.tc.steps, self.tc.stop_after)
+        self.metrics, self.sample, self.step_times = None, "", []
+        self.evaluator = Evaluator(config, setup.graphdef, setup.model_cfg, setup.dataset,
+                                   microbatch=setup.layout.microbatch, mesh=setup.mesh)
+        self.identity = _wandb_identity(config, exp_name)
+        self.logger = RunLogger(workdir=log_dir, config=config.to_dict(), print_fn=print_fn,
+                                job_type="train", mode=wandb_mode if self.is_main else "disabled",
+                                step_metrics=_step_metrics(config), **self.identity)
+        self.progress = tqdm(total=self.stop_at, initial=self.step, desc=self.identity["name"],
+                             dynamic_ncols=True, disable=None if self.is_main else True)
+        self.clock: TrainClock | None = None  # started once the programs are compiled
+
+    def execute(self) -> TrainResult:
+        _announce(self.setup, self.logger, self.identity["name"], self.print_fn)
+        try:
+            with self.logger, self.progress, contextlib.closing(self.run.checkpointer):
+                finished = finished_result(self.run.workdir, self.step) \
+                    if self.step >= self.stop_at else None
+                compiled = _compile_programs(self.setup, self.state, self.step, self.logger, finished,
+                                             self.evaluator)
+                run_start = time.perf_counter()
+                self.clock = TrainClock(self.run.elapsed_s)  # step times are windows of this clock
+                self._train_steps(compiled[0])
+                train_time = self.clock.elapsed()
+                if self.stop.requested:
+                    self._stop_and_save(train_time)
+                result = self._finish(run_start, train_time, compiled, finished)
+        except OSError as err:  # a full or read-only disk mid-run (metrics, images, W&B files)
+            raise WorkdirError(f"cannot write in {self.run.workdir} at step {self.step} "
+                               f"({describe_os_error(err)}); the run stopped, {self.run.kept_message()}; "
+                               f"free space and rerun to resume", exit_code=1) from None
+        if self.is_main:
+            (self.run.workdir / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
+        best = result.best_val_loss
+        self.print_fn(f"done: {result.final_step} steps in {result.wall_time_s:.1f}s | best val loss "
+                      f"{best:.4f} ({best / math.log(2):.3f} bpc) | {result.step_time_ms:.1f} ms/step, "
+                      f"{result.tokens_per_s:,.0f} tok/s, compile {result.compile_time_s:.1f}s")
+        self.print_fn("sample:\n" + result.sample)
+        return result
+
+    def _train_steps(self, train_step) -> None:
+        """Step until stop_at, a stop request, or on_eval asks to stop; log, evaluate and checkpoint at
+        their cadences."""
+        tc, run, setup = self.tc, self.run, self.setup
+        window_elapsed, window_step = self.clock.elapsed(), self.step
+        while self.step < self.stop_at and not self.stop.requested:
+            self.state, self.metrics = train_step(self.state, *setup.batch_at(self.step), setup.hparams)
+            self.step += 1
+            step = self.step
+            if step % tc.log_every == 0 or step == self.stop_at:
+                loss = run.check_finite(self.metrics, step)  # waits for the step: training time
+                elapsed = self.clock.elapsed()
+                self.step_times.append((elapsed - window_elapsed) / (step - window_step))
+                with self.clock.paused():  # logging is not training time (a first W&B call is slow)
+                    self.logger.log({**_train_metrics(loss, self.metrics, setup.schedule(step - 1),
+                                                      self.step_times[-1], setup.tokens_per_step),
+                                     "perf/elapsed_s": elapsed}, step=step)
+                    self.progress.set_postfix(loss=f"{loss:.4f}")
+                window_elapsed, window_step = elapsed, step
+            self.progress.update(1)
+            if step % tc.eval_every == 0 or step == tc.steps:
+                self.sample = self._evaluate()
+                if self.on_eval is not None and self.on_eval(step, self.history[-1]) \
+                        and step < self.stop_at:
+                    self.print_fn(f"stopping at step {step}: requested after evaluation")
+                    return
+            if step % tc.checkpoint_every == 0 and step < self.stop_at:
+                run.check_finite(self.metrics, step)  # never save a diverged state
+                with self.clock.paused():
+                    if step % tc.log_every:  # a resumed run's clock starts from the last logged value
+                        self.logger.log({"perf/elapsed_s": self.clock.elapsed()}, step=step)
+                    run.checkpointer.save(self.state)
+
+    def _evaluate(self) -> str:
+        """Losses, sample and statistics at this step, off the training clock; returns the sample."""
+        with self.clock.paused():
             t0 = time.perf_counter()
-            metrics, text = evaluator.evaluate(state.params, step, logger, {"perf/elapsed_s": clock.elapsed()})
-            logger.log({"perf/eval_s": time.perf_counter() - t0}, step=step)  # what evaluating costs the run
-        history.append({"step": step, **metrics})
-        if is_main:  # progress.write prints even where the bar is disabled
-            progress.write(f"step {step:>6} | train {metrics['eval_train/loss']:.4f} | val {metrics['val/loss']:.4f} "
-                           f"| val bpc {metrics['val/bpc']:.3f}")
+            metrics, text = self.evaluator.evaluate(self.state.params, self.step, self.logger,
+                                                    {"perf/elapsed_s": self.clock.elapsed()})
+            self.logger.log({"perf/eval_s": time.perf_counter() - t0}, step=self.step)
+        self.history.append({"step": self.step, **metrics})
+        if self.is_main:  # progress.write prints even where the bar is disabled
+            self.progress.write(f"step {self.step:>6} | train {metrics['eval_train/loss']:.4f} | val "
+                                f"{metrics['val/loss']:.4f} | val bpc {metrics['val/bpc']:.3f}")
         return text
 
-    _announce(run, logger, identity["name"], print_fn)
-    try:
-        with logger, progress, contextlib.closing(run.checkpointer) as checkpointer:
-            finished = _finished_result(run.workdir, start_step) if start_step >= stop_at else None
-            train_step, compile_time, step_memory, step_flops = _compile_programs(run, state, start_step, logger,
-                                                                                  finished, evaluator)
-            run_start = time.perf_counter()
-            clock = TrainClock(run.elapsed_s)  # step times are windows of this clock
-            window_elapsed, window_step = clock.elapsed(), start_step
-            while step < stop_at and not stop.requested:
-                state, metrics = train_step(state, *run.batch_at(step), run.hparams)
-                step += 1
-                if step % tc.log_every == 0 or step == stop_at:
-                    loss = run.check_finite(metrics, step)  # waits for the step: training time
-                    elapsed = clock.elapsed()
-                    step_times.append((elapsed - window_elapsed) / (step - window_step))
-                    with clock.paused():  # logging is not training time (a first W&B call can take a second)
-                        logger.log({**_train_metrics(loss, metrics, run.schedule(step - 1), step_times[-1],
-                                                     tokens_per_step), "perf/elapsed_s": elapsed}, step=step)
-                        progress.set_postfix(loss=f"{loss:.4f}")
-                    window_elapsed, window_step = elapsed, step
-                progress.update(1)
-                if step % tc.eval_every == 0 or step == tc.steps:
-                    sample = evaluate(state, step)
-                    if on_eval is not None and on_eval(step, history[-1]) and step < stop_at:
-                        print_fn(f"stopping at step {step}: requested after evaluation")
-                        break
-                if step % tc.checkpoint_every == 0 and step < stop_at:
-                    run.check_finite(metrics, step)  # never save a diverged state
-                    with clock.paused():
-                        if step % tc.log_every:  # a resumed run's clock starts from the last logged value
-                            logger.log({"perf/elapsed_s": clock.elapsed()}, step=step)
-                        checkpointer.save(state)
-            train_time = clock.elapsed()
-            if stop.requested:
-                if step > start_step:
-                    run.check_finite(metrics, step)
-                    if step % tc.log_every:
-                        logger.log({"perf/elapsed_s": train_time}, step=step)
-                saved = checkpointer.save(state)
-                progress.close()
-                print_fn(f"Interrupted: checkpoint saved at step {saved} in {checkpointer.directory}; "
-                         f"rerun the same command to resume.")
-                raise StopRequested(stop.signum)
-            if not history or history[-1]["step"] != step:
-                sample = evaluate(state, step)
-            elif not sample:  # a rerun of a finished run: its evals were recovered, and so is its sample
-                sample = finished["sample"] if finished is not None else evaluator.sample(state.params, step)
-            checkpointer.save(state)
-            wall = time.perf_counter() - run_start
-            best_val = min((h["val/loss"] for h in history), default=math.inf)
-            # Median over logging windows: robust to the odd slow window (GC, another process).
-            step_time = float(np.median(step_times)) if step_times else math.nan
-            if finished is not None:
-                step_time, wall = finished["step_time_ms"] / 1000, finished["wall_time_s"]
-            result = TrainResult(
-                workdir=str(run.workdir), final_step=step, best_val_loss=best_val,
-                final_val_loss=history[-1]["val/loss"] if history else math.nan, wall_time_s=wall,
-                compile_time_s=compile_time, step_time_ms=1000 * step_time, tokens_per_s=tokens_per_step / step_time,
-                step_memory_bytes=step_memory, step_flops=step_flops, params=run.counts, sample=sample,
-                history=history, train_time_s=train_time, tokens_per_step=tokens_per_step)
-            logger.set_summary({"val/best_loss": best_val, "val/best_bpc": best_val / math.log(2),
-                                "perf/median_step_time_ms": result.step_time_ms,
-                                "perf/median_tokens_per_s": result.tokens_per_s, "perf/wall_time_s": wall,
-                                "perf/train_time_s": result.train_time_s})
-    except OSError as err:  # a full or read-only disk mid-run (metrics, images, W&B files)
-        raise WorkdirError(f"cannot write in {run.workdir} at step {step} ({describe_os_error(err)}); the run "
-                           f"stopped, {run.kept_message()}; free space and rerun to resume", exit_code=1) from None
-    if is_main:
-        (run.workdir / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
-    print_fn(f"done: {step} steps in {wall:.1f}s | best val loss {best_val:.4f} ({best_val / math.log(2):.3f} bpc) "
-             f"| {result.step_time_ms:.1f} ms/step, {result.tokens_per_s:,.0f} tok/s, compile {compile_time:.1f}s")
-    print_fn("sample:\n" + sample)
-    return result
+    def _stop_and_save(self, train_time: float) -> None:
+        """A stop request: save at the current step, say how to resume, raise StopRequested."""
+        if self.step > self.start_step:
+            self.run.check_finite(self.metrics, self.step)
+            if self.step % self.tc.log_every:
+                self.logger.log({"perf/elapsed_s": train_time}, step=self.step)
+        saved = self.run.checkpointer.save(self.state)
+        self.progress.close()
+        self.print_fn(f"Interrupted: checkpoint saved at step {saved} in {self.run.checkpointer.directory}; "
+                      f"rerun the same command to resume.")
+        raise StopRequested(self.stop.signum)
+
+    def _finish(self, run_start: float, train_time: float, compiled, finished: dict | None) -> TrainResult:
+        """The end of training or of this invocation: a last evaluation, the checkpoint, the summary."""
+        _, compile_time, step_memory, step_flops = compiled
+        if not self.history or self.history[-1]["step"] != self.step:
+            self.sample = self._evaluate()
+        elif not self.sample:  # a rerun of a finished run: its evals were recovered, and so is its sample
+            self.sample = finished["sample"] if finished is not None else \
+                self.evaluator.sample(self.state.params, self.step)
+        self.run.checkpointer.save(self.state)
+        wall = time.perf_counter() - run_start
+        best_val = min((h["val/loss"] for h in self.history), default=math.inf)
+        # Median over logging windows: robust to the odd slow window (GC, another process).
+        step_time = float(np.median(self.step_times)) if self.step_times else math.nan
+        if finished is not None:
+            step_time, wall = finished["step_time_ms"] / 1000, finished["wall_time_s"]
+        tokens_per_step = self.setup.tokens_per_step
+        result = TrainResult(
+            workdir=str(self.run.workdir), final_step=self.step, best_val_loss=best_val,
+            final_val_loss=self.history[-1]["val/loss"] if self.history else math.nan, wall_time_s=wall,
+            compile_time_s=compile_time, step_time_ms=1000 * step_time,
+            tokens_per_s=tokens_per_step / step_time, step_memory_bytes=step_memory,
+            step_flops=step_flops, params=self.setup.counts, sample=self.sample, history=self.history,
+            train_time_s=train_time, tokens_per_step=tokens_per_step)
+        self.logger.set_summary({"val/best_loss": best_val, "val/best_bpc": best_val / math.log(2),
+                                 "perf/median_step_time_ms": result.step_time_ms,
+                                 "perf/median_tokens_per_s": result.tokens_per_s, "perf/wall_time_s": wall,
+                                 "perf/train_time_s": result.train_time_s})
+        return result
 
 
-def _compile_programs(run: _Run, state, step: int, logger: RunLogger, finished: dict | None, evaluator: Evaluator):
-    """(compiled train step, compile seconds, XLA's memory estimate, FLOPs), compiled ahead of the loop so that
-    step times exclude it; the evaluation programs compile beside it on other threads, and the seconds count
-    both. A rerun of a finished run trains nothing: it keeps what its training measured and compiles no step."""
+def _compile_programs(setup, state, step: int, logger: RunLogger, finished: dict | None,
+                      evaluator: Evaluator):
+    """(compiled train step, compile seconds, XLA's memory estimate, FLOPs), compiled ahead of the loop
+    so that step times exclude it; the evaluation programs compile beside it on other threads, and the
+    seconds count both. A rerun of a finished run trains nothing: it keeps what its training measured
+    and compiles no step."""
     if finished is not None:
         return None, finished["compile_time_s"], finished["step_memory_bytes"], finished["step_flops"]
     t0 = time.perf_counter()
-    # One process only: a multi-process run must issue its programs in the same order on every process.
+    # One process only: a multi-process run must issue its programs in the same order everywhere.
     background = evaluator.compile_in_background(state.params) if jax.process_count() == 1 else None
     try:
-        compiled = run.train_step.lower(state, *run.batch_at(step), run.hparams).compile()
+        compiled = setup.train_step.lower(state, *setup.batch_at(step), setup.hparams).compile()
     finally:
         if background is not None:
             background.join()  # before the first step donates state.params
@@ -378,32 +309,28 @@ def _compile_programs(run: _Run, state, step: int, logger: RunLogger, finished: 
     return compiled, compile_time, memory, flops
 
 
-def _finished_result(workdir: pathlib.Path, step: int) -> dict | None:
-    """result.json of a run that finished at `step` (its timing, memory, FLOPs and sample), else None."""
-    path = workdir / "result.json"
-    if not path.exists():
-        return None
-    try:
-        result = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    needed = {"compile_time_s", "step_memory_bytes", "step_flops", "step_time_ms", "wall_time_s", "sample"}
-    return result if result.get("final_step") == step and needed <= result.keys() else None
+def _wandb_identity(config, exp_name: str) -> dict[str, Any]:
+    seed = config.train.seed
+    architecture = "bigram" if config.model.kind == "bigram" else config.model.mixer
+    tags = list(config.wandb.tags) + [architecture, config.data.dataset]
+    return dict(project=config.wandb.project, name=config.wandb.name or f"{exp_name}-s{seed}",
+                group=config.wandb.group or exp_name, tags=sorted(set(tags)))
 
 
 def _step_metrics(config) -> dict[str, str]:
-    """W&B x axes: every key against "step"; the eval losses against wandb.val_x_axis when it says otherwise."""
+    """W&B x axes: every key against "step"; the eval losses against wandb.val_x_axis when it says
+    otherwise."""
     axis = config.wandb.get("val_x_axis", "step")
     return {} if axis == "step" else {"val/*": axis, "eval_train/*": axis}
 
 
-def _announce(run: _Run, logger: RunLogger, name: str, print_fn) -> None:
-    layout, model_cfg, counts = run.layout, run.model_cfg, run.counts
+def _announce(setup, logger: RunLogger, name: str, print_fn) -> None:
+    layout, model_cfg, counts, tc = setup.layout, setup.model_cfg, setup.counts, setup.config.train
     logger.set_summary({"params/total": counts["total"], "params/non_embedding": counts["non_embedding"]})
     print_fn(f"{name}: {model_cfg.kind}/{model_cfg.mixer} with {counts['total']:,} parameters "
-             f"({counts['non_embedding']:,} non-embedding), {run.config.train.steps} steps of {layout.global_batch}x"
-             f"{run.config.data.block_size} tokens ({layout.num_devices} device(s) x {layout.per_device_batch} rows x "
-             f"{layout.grad_accum_steps} accumulation step(s))")
+             f"({counts['non_embedding']:,} non-embedding), {tc.steps} steps of {layout.global_batch}x"
+             f"{setup.config.data.block_size} tokens ({layout.num_devices} device(s) x "
+             f"{layout.per_device_batch} rows x {layout.grad_accum_steps} accumulation step(s))")
 
 
 def _train_metrics(loss: float, metrics, lr, step_time: float, tokens_per_step: int) -> dict[str, float]:
