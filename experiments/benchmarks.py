@@ -1,14 +1,8 @@
-"""Benchmark configs: step time vs sequence length for attention and Grassmann mixing.
+"""Benchmark configs: attention vs Grassmann mixing, timed (grassjax.bench).
 
-`benchmark_scaling` (CPU, default): the mixers alone at d=256, r=32 (the
-paper's width ratio), T = 64..4096 at 4096 tokens per step, and the whole LM
-train step at the CPU-budget Shakespeare config (4 x 128, r=16, 768 tokens per
-step), T = 64..2048. About 5-8 minutes on a 2-core CPU.
-
-`benchmark_scaling_gpu`: bfloat16, bigger sizes (d=1024, T up to 8192, cuDNN's
-flash attention among the mixers; the GPU Shakespeare LM up to T=8192).
-
-Every knob is under `bench` and can be overridden, e.g.
+`benchmark_scaling[_gpu]`: step time vs sequence length, mixers alone and the LM train step;
+`benchmark_vs_pytorch[_gpu]`: the same train step in JAX and PyTorch; `profile_train_step`: its
+top XLA ops; `benchmark_generation`: streaming decode vs context. Every knob is under `bench`:
   python launch.py --exp=benchmark_scaling --config.bench.reps=3 --config.bench.lm_seq_lens=64,256
 """
 
@@ -19,17 +13,22 @@ from experiments import shakespeare
 
 def _bench(**changes) -> ml_collections.ConfigDict:
     bench = dict(
-        dtype="float32",  # float32 | bfloat16 (mixer activations/weights and the LM compute dtype)
-        reps=5,  # timed calls per point (after warm-up); cut to min_reps for points slower than point_budget_s
+        # float32 | bfloat16 (mixer activations/weights and the LM compute dtype)
+        dtype="float32",
+        # timed calls per point (after warm-up); cut to min_reps for points slower than
+        # point_budget_s
+        reps=5,
         min_reps=3,
         warmup=1,  # untimed calls before timing (the first call also sizes reps)
         point_budget_s=6.0,  # time budget per point for the timed calls
-        settle_max_s=0.5,  # points faster than this get an untimed call before each timed one (see scaling.py)
+        # points faster than this get an untimed call before each timed one (see scaling.py)
+        settle_max_s=0.5,
         matmul_n=1024,  # the square matmul whose best rate is the MFU denominator
         matmul_reps=10,
         # --- mixer alone ---
         run_mixers=True,
-        mixers=("attention", "attention_jax_nn", "attention_explicit", "grassmann_reference", "grassmann"),
+        mixers=("attention", "attention_jax_nn", "attention_explicit", "grassmann_reference",
+                "grassmann"),
         mixer_d=256,
         mixer_rank=32,
         mixer_heads=4,  # 4 heads of 64
@@ -50,7 +49,8 @@ def _bench(**changes) -> ml_collections.ConfigDict:
         ratio_T=256,  # grassmann_mix vs reference
         lm_ratio_T=(256, 2048),  # Grassmann LM vs attention LM
         flat_T=(512, 4096),  # flatness of Grassmann step time at constant tokens/step
-        targets=ml_collections.ConfigDict(dict(min_speedup_vs_reference=5.0, min_lm_speedup_long=2.0,
+        targets=ml_collections.ConfigDict(dict(min_speedup_vs_reference=5.0,
+                                               min_lm_speedup_long=2.0,
                                                max_flatness=1.3)),
     )
     bench.update(changes)
@@ -58,21 +58,28 @@ def _bench(**changes) -> ml_collections.ConfigDict:
 
 
 def benchmark_scaling() -> ml_collections.ConfigDict:
-    """CPU: model/train sections are the CPU-budget Shakespeare ones (4 layers, d=128, r=16, AdamW)."""
-    cfg = shakespeare.grassmann_shakespeare_paper()  # default_config() + the CPU model; mixer is set per arm
+    """CPU: the mixers alone at d=256, r=32 (the paper's width ratio), T = 64..4096 at 4096
+    tokens per step, and the whole LM train step, T = 64..2048 at 768 tokens per step.
+
+    The model/train sections are the CPU-budget Shakespeare ones (4 layers, d=128, r=16, AdamW).
+    """
+    # default_config() + the CPU model; mixer is set per arm
+    cfg = shakespeare.grassmann_shakespeare_paper()
     cfg.bench = _bench()
     cfg.wandb.tags = ("benchmark",)
     return cfg
 
 
 def benchmark_scaling_gpu() -> ml_collections.ConfigDict:
-    """GPU: bfloat16, mixers at d=1024 (16 heads of 64), the GPU Shakespeare LM (6 x 384, r=32)."""
+    """GPU: bfloat16, mixers at d=1024 (16 heads of 64, cuDNN's flash attention among them), the
+    GPU Shakespeare LM (6 x 384, r=32), T up to 8192."""
     cfg = shakespeare.grassmann_shakespeare_gpu()
-    cfg.model.dropout = 0.0  # dropout changes nothing about the cost worth measuring; keeps runs comparable
+    # dropout changes nothing about the cost worth measuring; keeps runs comparable
+    cfg.model.dropout = 0.0
     cfg.bench = _bench(
         dtype="bfloat16",
-        mixers=("attention", "attention_jax_nn", "attention_cudnn", "attention_explicit", "grassmann_reference",
-                "grassmann"),
+        mixers=("attention", "attention_jax_nn", "attention_cudnn", "attention_explicit",
+                "grassmann_reference", "grassmann"),
         reps=20,
         min_reps=5,
         warmup=3,
@@ -81,7 +88,8 @@ def benchmark_scaling_gpu() -> ml_collections.ConfigDict:
         matmul_reps=20,
         mixer_d=1024,
         mixer_heads=16,
-        # Not 16384: XLA's attention (no flash kernel) asks for 80 GiB there at batch 2 (an H200 has 139).
+        # Not 16384: XLA's attention (no flash kernel) needs more memory there than the GPU has
+        # (docs/speed.md).
         mixer_seq_lens=(256, 512, 1024, 2048, 4096, 8192),
         mixer_tokens_per_step=32768,
         lm_seq_lens=(256, 512, 1024, 2048, 4096, 8192),
@@ -96,14 +104,19 @@ def benchmark_scaling_gpu() -> ml_collections.ConfigDict:
 
 
 def benchmark_vs_pytorch() -> ml_collections.ConfigDict:
-    """The CPU LMs' train step in JAX and in the PyTorch port, interleaved: nanoGPT's CPU recipe (block 64,
-    batch 12) and block 256 at the same 768 tokens per step. Needs the torch extra."""
-    cfg = shakespeare.grassmann_shakespeare_paper()  # the CPU model and AdamW settings; the mixer is set per row
+    """The CPU LMs' train step in JAX and in the PyTorch port, interleaved.
+
+    nanoGPT's CPU recipe (block 64, batch 12) and block 256 at the same 768 tokens per step.
+    Needs the torch extra.
+    """
+    # the CPU model and AdamW settings; the mixer is set per row
+    cfg = shakespeare.grassmann_shakespeare_paper()
     cfg.bench = ml_collections.ConfigDict(dict(
         seq_lens=(64, 256),
         batch_sizes=(12, 3),
         mixers=("attention", "grassmann"),
-        frameworks=("jax", "torch", "torch_compile"),  # torch_compile is skipped, with the reason, where it fails
+        # torch_compile is skipped, with the reason, where it fails
+        frameworks=("jax", "torch", "torch_compile"),
         reps=30,  # interleaved rounds: one step of each implementation per round
         warmup=3,
         loss_tolerance=1e-4,  # the first losses from the same weights must agree to this
@@ -118,9 +131,11 @@ def benchmark_vs_pytorch() -> ml_collections.ConfigDict:
 
 
 def benchmark_vs_pytorch_gpu() -> ml_collections.ConfigDict:
-    """benchmark_vs_pytorch on one NVIDIA GPU at nanoGPT's GPU model (6 x 384, r = 32, no dropout): block 256 x
-    batch 64 (its recipe) and block 1024 x 16, TF32 matmuls on both sides (so the first losses agree to 1e-2, not
-    1e-4)."""
+    """benchmark_vs_pytorch on one NVIDIA GPU at nanoGPT's GPU model (6 x 384, r = 32, no dropout).
+
+    Block 256 x batch 64 (its recipe) and block 1024 x 16, TF32 matmuls on both sides (so the
+    first losses agree to 1e-2, not 1e-4).
+    """
     cfg = benchmark_vs_pytorch()
     gpu = shakespeare.grassmann_shakespeare_gpu()
     cfg.model, cfg.train = gpu.model, gpu.train
@@ -132,9 +147,13 @@ def benchmark_vs_pytorch_gpu() -> ml_collections.ConfigDict:
 
 
 def profile_train_step() -> ml_collections.ConfigDict:
-    """A jax.profiler trace of the CPU LMs' train step at nanoGPT's CPU recipe (block 64, batch 12), summed per
-    XLA op: the top ops and their shares of the step (grassjax.bench.profile)."""
-    cfg = shakespeare.grassmann_shakespeare_paper()  # the CPU model and AdamW settings; the mixer is set per row
+    """A jax.profiler trace of the CPU LMs' train step, summed per XLA op.
+
+    At nanoGPT's CPU recipe (block 64, batch 12): the top ops and their shares of the step
+    (grassjax.bench.profile).
+    """
+    # the CPU model and AdamW settings; the mixer is set per row
+    cfg = shakespeare.grassmann_shakespeare_paper()
     cfg.bench = ml_collections.ConfigDict(dict(
         mixers=("attention", "grassmann"),
         seq_len=64,
@@ -150,15 +169,20 @@ def profile_train_step() -> ml_collections.ConfigDict:
 
 
 def benchmark_generation() -> ml_collections.ConfigDict:
-    """Streaming decode speed and cache memory against context length, random-init models at the CPU width
-    (4 layers, d = 128, 4 heads, r = 16). Each model's block_size is max(contexts) + new_tokens, so that its
-    learned position table reaches the longest context; the Grassmann mixer itself has no length limit."""
-    cfg = shakespeare.grassmann_shakespeare_paper()  # default_config() at the CPU-budget width; the bench sets the mixer
+    """Streaming decode speed and cache memory against context length (grassjax.bench.decoding).
+
+    Random-init models at the CPU width (4 layers, d = 128, 4 heads, r = 16). Each model's
+    block_size is max(contexts) + new_tokens, so that its learned position table reaches the
+    longest context; the Grassmann mixer itself has no length limit.
+    """
+    # default_config() at the CPU-budget width; the bench sets the mixer
+    cfg = shakespeare.grassmann_shakespeare_paper()
     cfg.bench = ml_collections.ConfigDict(dict(
         mixers=("attention", "grassmann"),
         contexts=(256, 1024, 2048, 4096, 8192),  # prompt lengths prefilled before decoding
         new_tokens=64,  # tokens decoded (timed) after each prefill
-        reps=5,  # timed repeats of the decode loop (after one warm-up); the median is reported
+        # timed repeats of the decode loop (after one warm-up); the median is reported
+        reps=5,
         batch=1,
         vocab_size=65,  # tiny Shakespeare's characters; no data is read
         temperature=1.0,

@@ -162,7 +162,7 @@ def test_bigram_delegates_to_sampling():
 
 
 def test_generation_benchmark_tiny_run_writes_results_and_plot(tmp_path):
-    from experiments.generation import benchmark_generation
+    from experiments.benchmarks import benchmark_generation
     from grassjax.bench.decoding import run_generation_benchmark
 
     cfg = benchmark_generation()

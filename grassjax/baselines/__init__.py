@@ -1,4 +1,5 @@
-"""Count-based baselines (NumPy only): what a model with no learned parameters reaches on the same split."""
+"""Count-based baselines (NumPy only): what a model with no learned parameters reaches on the same
+split."""
 
 from grassjax.baselines.ngram import (
     KneserNeyModel,

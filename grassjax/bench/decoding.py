@@ -1,7 +1,7 @@
 """Benchmark: streaming decode speed and cache memory vs context length, attention vs Grassmann.
 
-Per context n and mixer: prefill n random tokens, then time a jitted scan decoding `new_tokens` tokens
-(random-init models: decode cost depends on shapes, not weights). README, "Speed".
+Per context n and mixer: prefill n random tokens, then time a jitted scan decoding `new_tokens`
+tokens (random-init models: decode cost depends on shapes, not weights). See docs/speed.md.
 """
 
 from __future__ import annotations
@@ -26,11 +26,16 @@ MIB = 2**20
 
 def _model_config(config: ml_collections.ConfigDict, mixer: str, block_size: int) -> ModelConfig:
     return ModelConfig.from_mapping({**config.model.to_dict(), "mixer": mixer, "kind": "lm",
-                                     "vocab_size": config.bench.vocab_size, "block_size": block_size})
+                                     "vocab_size": config.bench.vocab_size,
+                                     "block_size": block_size})
 
 
-def measure(model, context: int, *, new_tokens: int, reps: int, batch: int, temperature: float, seed: int) -> dict:
-    """Prefill `context` random tokens, then time decoding `new_tokens` positions. Returns one result row."""
+def measure(model, context: int, *, new_tokens: int, reps: int, batch: int, temperature: float,
+            seed: int) -> dict:
+    """Prefill `context` random tokens, then time decoding `new_tokens` positions.
+
+    Returns one result row.
+    """
     graphdef, state = nnx.split(model)
     max_len = context + new_tokens
 
@@ -40,15 +45,18 @@ def measure(model, context: int, *, new_tokens: int, reps: int, batch: int, temp
 
     @jax.jit
     def decode(state, logits, caches, key):
-        # num_tokens = new_tokens + 1 draws run exactly new_tokens decode steps (the first draw uses the prefill).
+        # num_tokens = new_tokens + 1 draws run exactly new_tokens decode steps
+        # (the first draw uses the prefill).
         tokens, _ = generation.sample_tokens(nnx.merge(graphdef, state), logits, caches, key,
                                            num_tokens=new_tokens + 1, temperature=temperature)
         return tokens
 
-    prompt = jax.random.randint(jax.random.key(seed), (batch, context), 0, model.cfg.vocab_size, jnp.int32)
+    prompt = jax.random.randint(jax.random.key(seed), (batch, context), 0, model.cfg.vocab_size,
+                                jnp.int32)
     prefill_c = timing.compile_timed(prefill, state, prompt)
     start = time.perf_counter()
-    logits, caches = jax.block_until_ready(prefill_c.executable(state, prompt))  # once: long prompts are slow
+    # once: long prompts are slow
+    logits, caches = jax.block_until_ready(prefill_c.executable(state, prompt))
     prefill_s = time.perf_counter() - start
     key = jax.random.key(seed + 1)
     decode_c = timing.compile_timed(decode, state, logits, caches, key)
@@ -61,12 +69,15 @@ def measure(model, context: int, *, new_tokens: int, reps: int, batch: int, temp
         "ms_per_token": 1e3 * t.median_s / new_tokens,
         "ms_per_token_p25": 1e3 * t.p25_s / new_tokens,
         "ms_per_token_p75": 1e3 * t.p75_s / new_tokens,
-        "cache_bytes": generation.cache_bytes(model, batch, context),  # state holding `context` tokens
-        "cache_bytes_allocated": generation.cache_bytes(model, batch, max_len),  # room for the decoded tokens too
+        # state holding `context` tokens
+        "cache_bytes": generation.cache_bytes(model, batch, context),
+        # room for the decoded tokens too
+        "cache_bytes_allocated": generation.cache_bytes(model, batch, max_len),
         "decode_peak_bytes": peak_bytes,  # the decode call's buffers (params, caches, temporaries)
         "prefill_s": prefill_s,
         "prefill_tokens_per_s": batch * context / prefill_s,
-        "compile_s": prefill_c.lower_s + prefill_c.compile_s + decode_c.lower_s + decode_c.compile_s,
+        "compile_s": (prefill_c.lower_s + prefill_c.compile_s + decode_c.lower_s
+                      + decode_c.compile_s),
     }
 
 
@@ -83,10 +94,10 @@ def _plot(rows: list[dict], mixers, path: pathlib.Path):
         ctx = [r["context"] for r in mine]
         ax_speed.plot(ctx, [r["decode_tokens_per_s"] for r in mine], "o-", label=mixer)
         ax_mem.plot(ctx, [r["cache_bytes"] / MIB for r in mine], "o-", label=mixer)
-    ax_speed.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="decode tokens / s",
-                 title="decode throughput")
-    ax_mem.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="cache / state (MiB)",
-               title="generation state memory")
+    ax_speed.set(xscale="log", yscale="log", xlabel="context length (tokens)",
+                 ylabel="decode tokens / s", title="decode throughput")
+    ax_mem.set(xscale="log", yscale="log", xlabel="context length (tokens)",
+               ylabel="cache / state (MiB)", title="generation state memory")
     contexts = sorted({r["context"] for r in rows})
     for ax in (ax_speed, ax_mem):
         ax.set_xticks(contexts, [str(c) for c in contexts])  # label the measured lengths only
@@ -112,19 +123,22 @@ def _speedups(rows: list[dict]) -> dict[str, float]:
 
 
 def _table(rows: list[dict]) -> str:
-    header = f"{'mixer':<10} {'context':>7} {'tok/s':>9} {'ms/tok':>8} {'cache MiB':>10} {'prefill s':>9}"
+    header = (f"{'mixer':<10} {'context':>7} {'tok/s':>9} {'ms/tok':>8} {'cache MiB':>10} "
+              f"{'prefill s':>9}")
     lines = [header, "-" * len(header)]
     for r in rows:
-        lines.append(f"{r['mixer']:<10} {r['context']:>7} {r['decode_tokens_per_s']:>9.1f} {r['ms_per_token']:>8.3f} "
+        lines.append(f"{r['mixer']:<10} {r['context']:>7} {r['decode_tokens_per_s']:>9.1f} "
+                     f"{r['ms_per_token']:>8.3f} "
                      f"{r['cache_bytes'] / MIB:>10.4f} {r['prefill_s']:>9.3f}")
     return "\n".join(lines)
 
 
-def run_generation_benchmark(config: ml_collections.ConfigDict, *, workdir, exp_name: str, data_dir=None,
-                             wandb_mode: str | None = None) -> dict:
-    """Run the benchmark described by config.bench; returns the results dict also written to results.json.
+def run_generation_benchmark(config: ml_collections.ConfigDict, *, workdir, exp_name: str,
+                             data_dir=None, wandb_mode: str | None = None) -> dict:
+    """Run the benchmark described by config.bench.
 
-    data_dir is accepted for launch.py's common runner signature and unused: prompts are random tokens.
+    Returns the results dict also written to results.json. data_dir is accepted for launch.py's
+    common runner signature and unused: prompts are random tokens.
     """
     del data_dir
     bench = config.bench
@@ -133,40 +147,48 @@ def run_generation_benchmark(config: ml_collections.ConfigDict, *, workdir, exp_
     contexts = sorted(int(c) for c in bench.contexts)
     mixers = tuple(bench.mixers)
     block_size = max(contexts) + int(bench.new_tokens)
-    models = {m: build_model(_model_config(config, m, block_size), seed=int(bench.seed)) for m in mixers}
+    models = {m: build_model(_model_config(config, m, block_size), seed=int(bench.seed))
+              for m in mixers}
     load_before = os.getloadavg()
-    logger = RunLogger(workdir=workdir, project=config.wandb.project, name=config.wandb.name or exp_name,
-                       group=config.wandb.group or None, tags=list(config.wandb.tags), config=config.to_dict(),
-                       mode=wandb_mode, job_type="benchmark", print_fn=print)
+    logger = RunLogger(workdir=workdir, project=config.wandb.project,
+                       name=config.wandb.name or exp_name, group=config.wandb.group or None,
+                       tags=list(config.wandb.tags), config=config.to_dict(), mode=wandb_mode,
+                       job_type="benchmark", print_fn=print)
     sizes = ", ".join(f"{m} {param_counts(models[m])['total']:,} params" for m in mixers)
-    print(f"{exp_name}: decode {bench.new_tokens} tokens after prefilling {contexts} tokens, batch {bench.batch}, "
+    print(f"{exp_name}: decode {bench.new_tokens} tokens after prefilling {contexts} tokens, "
+          f"batch {bench.batch}, "
           f"median of {bench.reps}; {sizes}; "
           f"load average {load_before[0]:.2f} on {os.cpu_count()} cores")
     rows = []
     start = time.perf_counter()
     try:
         for context in contexts:  # outer loop over context: W&B steps must increase
-            step_rows = [measure(models[m], context, new_tokens=int(bench.new_tokens), reps=int(bench.reps),
-                                 batch=int(bench.batch), temperature=float(bench.temperature), seed=int(bench.seed))
+            step_rows = [measure(models[m], context, new_tokens=int(bench.new_tokens),
+                                 reps=int(bench.reps), batch=int(bench.batch),
+                                 temperature=float(bench.temperature), seed=int(bench.seed))
                          for m in mixers]
             for r in step_rows:
-                print(f"  {r['mixer']:<10} context {context:>6}: {r['decode_tokens_per_s']:8.1f} tok/s, "
+                print(f"  {r['mixer']:<10} context {context:>6}: "
+                      f"{r['decode_tokens_per_s']:8.1f} tok/s, "
                       f"{r['ms_per_token']:.3f} ms/token, cache {r['cache_bytes'] / MIB:.4f} MiB")
             rows.extend(step_rows)
             logger.log({f"{key}/{r['mixer']}": r[key] for r in step_rows
-                        for key in ("decode_tokens_per_s", "ms_per_token", "cache_bytes", "prefill_s")},
+                        for key in ("decode_tokens_per_s", "ms_per_token", "cache_bytes",
+                                    "prefill_s")},
                        step=context)
         table = _table(rows)
         print(table)
         fig = _plot(rows, mixers, workdir / "generation.png")
         columns = list(rows[0].keys())
-        logger.log_table("generation", columns, [[r[c] for c in columns] for r in rows], step=max(contexts))
+        logger.log_table("generation", columns, [[r[c] for c in columns] for r in rows],
+                         step=max(contexts))
         logger.log_images({"generation": fig}, step=max(contexts))
         _close(fig)
         summary = {f"{r['mixer']}/{key}@{r['context']}": r[key] for r in rows
                    for key in ("decode_tokens_per_s", "ms_per_token", "cache_bytes")}
-        summary.update(_speedups(rows))
-        for key, value in _speedups(rows).items():
+        speedups = _speedups(rows)
+        summary.update(speedups)
+        for key, value in speedups.items():
             print(f"{key}: {value:.2f}x")
         logger.set_summary(summary)
     finally:
@@ -184,6 +206,7 @@ def run_generation_benchmark(config: ml_collections.ConfigDict, *, workdir, exp_
         "table": table,
     }
     write_json(workdir / "results.json", results, indent=2)
-    print(f"wrote {workdir / 'results.json'} and {workdir / 'generation.png'} in {results['wall_s']:.0f} s")
+    print(f"wrote {workdir / 'results.json'} and {workdir / 'generation.png'} "
+          f"in {results['wall_s']:.0f} s")
     return results
 

@@ -1,4 +1,4 @@
-"""Timing helpers shared by the benchmarks: wall-clock statistics, compile time, peak memory, matmul peak.
+"""Timing helpers for the benchmarks: wall-clock statistics, compile time, peak memory, matmul peak.
 
 Everything here times *compiled* executables (``jax.jit(f).lower(...).compile()``)
 so that tracing and compilation never leak into a step time, and blocks on
@@ -31,27 +31,27 @@ class Timing:
     max_s: float
     reps: int
 
-    @property
-    def iqr_s(self) -> float:
-        return self.p75_s - self.p25_s
-
     @classmethod
     def from_samples(cls, samples) -> "Timing":
         s = np.asarray(samples, dtype=np.float64)
         if s.size == 0:
             raise ValueError("no timing samples")
         p25, med, p75 = np.percentile(s, [25, 50, 75])
-        return cls(float(med), float(p25), float(p75), float(s.min()), float(s.max()), int(s.size))
+        return cls(float(med), float(p25), float(p75), float(s.min()), float(s.max()),
+                   int(s.size))
 
     def as_dict(self, prefix: str = "", unit: str = "ms") -> dict[str, float]:
         scale = {"s": 1.0, "ms": 1e3, "us": 1e6}[unit]
-        return {f"{prefix}{k}_{unit}": scale * getattr(self, f"{k}_s") for k in ("median", "p25", "p75", "min", "max")}
+        return {f"{prefix}{k}_{unit}": scale * getattr(self, f"{k}_s")
+                for k in ("median", "p25", "p75", "min", "max")}
 
     def __str__(self):
-        return f"{1e3 * self.median_s:.2f} ms (IQR {1e3 * self.p25_s:.2f}-{1e3 * self.p75_s:.2f}, n={self.reps})"
+        return (f"{1e3 * self.median_s:.2f} ms "
+                f"(IQR {1e3 * self.p25_s:.2f}-{1e3 * self.p75_s:.2f}, n={self.reps})")
 
 
-def time_fn(call: Callable[[], Any], *, reps: int, warmup: int = 1, min_time_s: float = 0.0) -> Timing:
+def time_fn(call: Callable[[], Any], *, reps: int, warmup: int = 1,
+            min_time_s: float = 0.0) -> Timing:
     """Time `call()` (blocking on its result) `reps` times after `warmup` untimed calls.
 
     With min_time_s > 0, keeps timing past `reps` until that much time was
@@ -72,8 +72,12 @@ def time_fn(call: Callable[[], Any], *, reps: int, warmup: int = 1, min_time_s: 
     return Timing.from_samples(samples)
 
 
-def time_compiled(fn: Callable, *args, reps: int, warmup: int = 1, min_time_s: float = 0.0) -> Timing:
-    """Time a compiled (or jitted) function on fixed arguments. Do not use with donated arguments."""
+def time_compiled(fn: Callable, *args, reps: int, warmup: int = 1,
+                  min_time_s: float = 0.0) -> Timing:
+    """Time a compiled (or jitted) function on fixed arguments.
+
+    Do not use with donated arguments.
+    """
     return time_fn(lambda: fn(*args), reps=reps, warmup=warmup, min_time_s=min_time_s)
 
 
@@ -110,7 +114,10 @@ def compile_timed(jitted, *args, compiler_options: dict | None = None, **kwargs)
 
 
 def device_peak_memory_bytes(device=None) -> int | None:
-    """The device allocator's peak (memory_stats()['peak_bytes_in_use']), None where unsupported (CPU)."""
+    """The device allocator's peak (memory_stats()['peak_bytes_in_use']).
+
+    None where unsupported (CPU).
+    """
     device = device or jax.devices()[0]
     try:
         stats = device.memory_stats()
@@ -124,11 +131,12 @@ def device_peak_memory_bytes(device=None) -> int | None:
 def peak_memory_bytes(compiled, device=None) -> tuple[int | None, str]:
     """Peak memory of one call of `compiled`: (bytes, source).
 
-    XLA's static buffer assignment, `memory_analysis()`, where the backend gives it: argument + output +
-    temp bytes, minus aliased (donated) bytes, which are counted in both arguments and outputs. It is
-    per executable, so points of one benchmark can be compared. Else the device allocator's peak
-    (GPU/TPU), which is the process-wide high-water mark so far: read right after running `compiled`,
-    and only an upper bound once a bigger executable has run in the process.
+    XLA's static buffer assignment, `memory_analysis()`, where the backend gives it:
+    argument + output + temp bytes, minus aliased (donated) bytes, which are counted in both
+    arguments and outputs. It is per executable, so points of one benchmark can be compared.
+    Else the device allocator's peak (GPU/TPU), which is the process-wide high-water mark so
+    far: read right after running `compiled`, and only an upper bound once a bigger
+    executable has run in the process.
     """
     total = compiled_memory_bytes(compiled)
     if total is not None:
@@ -150,7 +158,9 @@ class MatmulPeak:
 
 def measure_matmul_peak(n: int = 1024, dtype=jnp.float32, reps: int = 10, *, batch: int = 1,
                         min_time_s: float = 0.0) -> MatmulPeak:
-    """Achievable matmul rate on the default device: time `batch` chained (n x n) @ (n x n) products.
+    """Achievable matmul rate on the default device.
+
+    Times `batch` chained (n x n) @ (n x n) products.
 
     The peak is 2 n^3 batch / min time. Take n=1024 on a small CPU, 4096+
     (bfloat16) on an accelerator.
@@ -162,7 +172,8 @@ def measure_matmul_peak(n: int = 1024, dtype=jnp.float32, reps: int = 10, *, bat
     exe = f.lower(a, b).compile()
     timing = time_compiled(exe, a, b, reps=reps, warmup=2, min_time_s=min_time_s)
     flops = 2.0 * n ** 3 * batch
-    return MatmulPeak(flops / timing.min_s, flops / timing.median_s, n, jnp.dtype(dtype).name, timing)
+    return MatmulPeak(flops / timing.min_s, flops / timing.median_s, n, jnp.dtype(dtype).name,
+                      timing)
 
 
 def machine_info() -> dict[str, Any]:
@@ -175,7 +186,8 @@ def machine_info() -> dict[str, Any]:
         "device_count": jax.device_count(),
         "cpu_count": os.cpu_count(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        # glibc keeps freed blocks below this many bytes for reuse (launch.py's default; 0: glibc's own behaviour)
+        # glibc keeps freed blocks below this many bytes for reuse
+        # (launch.py's default; 0: glibc's own behaviour)
         "malloc_keeps_freed_below_bytes": host.kept_below_bytes,
     }
     try:

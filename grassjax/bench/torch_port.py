@@ -1,14 +1,10 @@
 """The same language models in PyTorch, for timing JAX against PyTorch on equal terms.
 
-A line-by-line port of grassjax.nn's LanguageModel (token + position
-embeddings, pre- or post-norm blocks, fused-qkv causal attention or causal
-Grassmann mixing, GELU (tanh) feed-forward, final LayerNorm, tied head) and
-of grassjax.train's AdamW (warmup + cosine, decay on matrices only, global-norm
-clipping). `load_params` copies a grassjax model's weights in, so both
-frameworks can be checked to compute the same loss from the same weights.
-
-torch is the optional extra `pip install -e .[torch]`; nothing in the core
-imports this module.
+A line-by-line port of grassjax.nn's LanguageModel (attention or Grassmann mixing, tied head)
+and of grassjax.train.optim's AdamW (warmup + cosine, decay on matrices only, clipping).
+`load_params` copies a grassjax model's weights in, so both frameworks can be checked to compute
+the same loss from the same weights. torch is the optional extra `pip install -e .[torch]`;
+nothing in the core imports this module.
 """
 
 from __future__ import annotations
@@ -28,7 +24,10 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 
 
 def _rescale(u: torch.Tensor) -> torch.Tensor:
-    """u times a power of two, so that max|u| is in [1/2, 1): as grassjax.functional.grassmann.rescale."""
+    """u times a power of two, so that max|u| is in [1/2, 1).
+
+    As grassjax.functional.grassmann.rescale.
+    """
     max_abs = u.detach().abs().amax(-1, keepdim=True)
     _, exponent = torch.frexp(max_abs)
     # A constant factor times u: torch.ldexp(u, -e) itself has a zero gradient in torch 2.13.
@@ -39,9 +38,13 @@ def _norm(u: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(u, dim=-1, keepdim=True)
 
 
-def grassmann_feature(z: torch.Tensor, offsets: tuple[int, ...], w_plu: torch.Tensor, b_plu: torch.Tensor,
-                      eps: float, pairs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """g (B, T, C) from reduced states z (B, T, r): the wedge collapse with the stable norm, as in JAX."""
+def grassmann_feature(z: torch.Tensor, offsets: tuple[int, ...], w_plu: torch.Tensor,
+                      b_plu: torch.Tensor, eps: float,
+                      pairs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """g (B, T, C) from reduced states z (B, T, r).
+
+    The wedge collapse with the stable norm, as in JAX.
+    """
     B, T, r = z.shape
     u = _rescale(z)
     u_len = _norm(u)
@@ -64,7 +67,8 @@ def grassmann_feature(z: torch.Tensor, offsets: tuple[int, ...], w_plu: torch.Te
         num_valid = num_valid + valid.to(u.dtype)
     w = w / num_valid.clamp_min(1)
     i, j = pairs
-    p = a[..., i] * w[..., j] - a[..., j] * w[..., i]  # Plücker coordinates of a ∧ w, (B, T, r(r-1)/2)
+    # Plücker coordinates of a ∧ w, (B, T, r(r-1)/2)
+    p = a[..., i] * w[..., j] - a[..., j] * w[..., i]
     g = p @ w_plu + b_plu
     return torch.where(num_valid > 0, g, torch.zeros_like(g))
 
@@ -85,7 +89,8 @@ class GrassmannMixing(nn.Module):
     def forward(self, x):  # (B, T, C)
         z = self.reduce(x)  # (B, T, r)
         w_plu = self.plucker_proj.weight.t()
-        b_plu = self.plucker_proj.bias if self.plucker_proj.bias is not None else torch.zeros_like(w_plu[0])
+        b_plu = (self.plucker_proj.bias if self.plucker_proj.bias is not None
+                 else torch.zeros_like(w_plu[0]))
         g = grassmann_feature(z, self.offsets, w_plu, b_plu, self.eps, (self.pair_i, self.pair_j))
         alpha = torch.sigmoid(self.gate(torch.cat([x, g], -1)))
         y = alpha * x + (1 - alpha) * g
@@ -102,7 +107,8 @@ class CausalSelfAttention(nn.Module):
     def forward(self, x):  # (B, T, C)
         B, T, C = x.shape
         H = self.num_heads
-        q, k, v = self.qkv(x).view(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)  # 3 x (B, H, T, D)
+        # 3 x (B, H, T, D)
+        q, k, v = self.qkv(x).view(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)
         y = TF.scaled_dot_product_attention(q, k, v, is_causal=True)  # nanoGPT's fused path
         return self.out(y.transpose(1, 2).reshape(B, T, C))
 
@@ -144,8 +150,10 @@ class LanguageModel(nn.Module):
         if cfg.kind != "lm" or not cfg.tie_embeddings or cfg.dropout > 0:
             raise ValueError("the PyTorch port covers the tied-head LM without dropout")
         if cfg.mixer not in ("attention", "grassmann") or cfg.grassmann_partner_mix != "none":
-            raise ValueError(f"the PyTorch port covers model.mixer=attention|grassmann with the paper's offset mean, "
-                             f"not mixer={cfg.mixer!r}, grassmann_partner_mix={cfg.grassmann_partner_mix!r}")
+            raise ValueError(f"the PyTorch port covers model.mixer=attention|grassmann "
+                             f"with the paper's offset mean, "
+                             f"not mixer={cfg.mixer!r}, "
+                             f"grassmann_partner_mix={cfg.grassmann_partner_mix!r}")
         self.cfg = cfg
         self.tok_embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.block_size, cfg.d_model)
@@ -161,10 +169,10 @@ class LanguageModel(nn.Module):
 
 
 def load_params(model: LanguageModel, params) -> None:
-    """Copy a grassjax LanguageModel's parameters (nnx.state(model, nnx.Param)) into the PyTorch port.
+    """Copy a grassjax LanguageModel's parameters (nnx.state(model, nnx.Param)) into the port.
 
-    Module names match, so the mapping is by name: kernel -> weight (transposed: JAX computes x @ W,
-    torch x @ W.T), embedding -> weight, LayerNorm scale -> weight.
+    Module names match, so the mapping is by name: kernel -> weight (transposed: JAX computes
+    x @ W, torch x @ W.T), embedding -> weight, LayerNorm scale -> weight.
     """
     import jax  # only here: the torch side of this module needs no JAX
 
@@ -173,25 +181,33 @@ def load_params(model: LanguageModel, params) -> None:
         keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
         *prefix, leaf_name = keys[:-1] if keys[-1] == "value" else keys
         value = np.asarray(leaf).T if leaf_name == "kernel" else np.asarray(leaf)
-        leaf_name = {"kernel": "weight", "embedding": "weight", "scale": "weight"}.get(leaf_name, leaf_name)
+        leaf_name = {"kernel": "weight", "embedding": "weight",
+                     "scale": "weight"}.get(leaf_name, leaf_name)
         flat[".".join(prefix + [leaf_name])] = value
     with torch.no_grad():
         for name, tensor in model.named_parameters():
             if name not in flat:
                 raise KeyError(f"no JAX parameter for {name}")
             if tuple(flat[name].shape) != tuple(tensor.shape):
-                raise ValueError(f"{name}: JAX shape {flat[name].shape} vs torch {tuple(tensor.shape)}")
+                raise ValueError(f"{name}: JAX shape {flat[name].shape} "
+                                 f"vs torch {tuple(tensor.shape)}")
             tensor.copy_(torch.as_tensor(np.ascontiguousarray(flat[name])))
 
 
-def make_optimizer(model: LanguageModel, train_cfg) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW as grassjax.train.optim: decay on matrices (ndim >= 2) only, warmup then cosine to min_lr."""
+def make_optimizer(model: LanguageModel, train_cfg
+                   ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW as grassjax.train.optim.
+
+    Decay on matrices (ndim >= 2) only, warmup then cosine to min_lr.
+    """
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": train_cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}],
-                            lr=train_cfg.learning_rate, betas=(train_cfg.beta1, train_cfg.beta2), eps=1e-8)
-    steps, warmup = int(train_cfg.steps), max(0, min(int(train_cfg.warmup_steps), int(train_cfg.steps) - 1))
+                            lr=train_cfg.learning_rate, betas=(train_cfg.beta1, train_cfg.beta2),
+                            eps=1e-8)
+    steps, warmup = int(train_cfg.steps), max(0, min(int(train_cfg.warmup_steps),
+                                                     int(train_cfg.steps) - 1))
     peak, floor = float(train_cfg.learning_rate), float(train_cfg.min_lr)
 
     def lr_at(step):  # optax.warmup_cosine_decay_schedule, as a multiplier of the peak
@@ -204,7 +220,10 @@ def make_optimizer(model: LanguageModel, train_cfg) -> tuple[torch.optim.Optimiz
 
 
 def make_train_step(model: LanguageModel, optimizer, scheduler, *, grad_clip: float):
-    """One AdamW step on (x, y): forward, cross-entropy, backward, clip, update. Returns the loss tensor."""
+    """One AdamW step on (x, y): forward, cross-entropy, backward, clip, update.
+
+    Returns the loss tensor.
+    """
 
     def step(x, y):
         logits = model(x)

@@ -1,12 +1,9 @@
 """JAX vs PyTorch: the same model's train step, timed interleaved in one process.
 
-For each setting (block size x batch) and mixer, the JAX step (grassjax's
-`make_train_step`: AdamW, clipping, jit, donated state) and the PyTorch port
-(grassjax.bench.torch_port: eager, and `torch.compile` where it works) start
-from the same weights. Their first losses on the same batch are compared
-(they must agree to 1e-4), then one step of each implementation is timed in
-turn, `reps` rounds, so that load on a shared machine hits all of them alike.
-
+For each setting (block size x batch) and mixer, the JAX step (`make_train_step`) and the
+PyTorch port (grassjax.bench.torch_port: eager, and `torch.compile` where it works) start from
+the same weights and must agree on the first loss (bench.loss_tolerance); then one step of each
+is timed in turn, `reps` rounds, so that load on a shared machine hits all of them alike.
 Outputs in workdir: results.json, the table on stdout, one W&B run.
 """
 
@@ -41,7 +38,10 @@ def _torch():
 
 
 def _setup(config, mixer: str, T: int, B: int, frameworks, print_fn):
-    """Both implementations from the same weights, with one batch; returns ({name: step_fn}, info)."""
+    """Both implementations from the same weights, with one batch.
+
+    Returns ({name: step_fn}, info).
+    """
     torch, tp = _torch()
     device = torch.device(str(config.bench.torch_device))
     mc = lm_model_config(config, mixer, T)
@@ -80,34 +80,46 @@ def _setup(config, mixer: str, T: int, B: int, frameworks, print_fn):
             try:
                 compiled = torch.compile(torch_model)
                 opt, sched = tp.make_optimizer(torch_model, config.train)
-                step = tp.make_train_step(compiled, opt, sched, grad_clip=float(config.train.grad_clip))
+                step = tp.make_train_step(compiled, opt, sched,
+                                          grad_clip=float(config.train.grad_clip))
                 t0 = time.perf_counter()
                 step(xt, yt)  # compiles
                 _sync(torch, device)
                 info["torch_compile_s"] = time.perf_counter() - t0
-            except Exception as err:  # noqa: BLE001 - any backend failure means "not available here"
-                info["torch_compile_error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-                print_fn(f"  torch.compile unavailable for {mixer} T={T}: {info['torch_compile_error']}")
+            # any backend failure means "not available here"
+            except Exception as err:  # noqa: BLE001
+                info["torch_compile_error"] = (f"{type(err).__name__}: "
+                                               f"{str(err).splitlines()[0][:200]}")
+                print_fn(f"  torch.compile unavailable for {mixer} T={T}: "
+                         f"{info['torch_compile_error']}")
                 continue
         else:
             opt, sched = tp.make_optimizer(torch_model, config.train)
-            step = tp.make_train_step(torch_model, opt, sched, grad_clip=float(config.train.grad_clip))
+            step = tp.make_train_step(torch_model, opt, sched,
+                                      grad_clip=float(config.train.grad_clip))
         steps[name] = lambda step=step: (step(xt, yt), _sync(torch, device))
     return steps, info
 
 
 def _sync(torch, device) -> None:
-    """Wait for the GPU, as block_until_ready does on the JAX side; a CPU step has finished when it returns."""
+    """Wait for the GPU, as block_until_ready does on the JAX side.
+
+    A CPU step has finished when it returns.
+    """
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 @contextlib.contextmanager
 def _matmul_precision(torch, precision: str):
-    """The same float32 matmul precision on both sides, for the run only: "highest" (true float32) or
-    "tensorfloat32" (TF32 on NVIDIA GPUs, where JAX and PyTorch otherwise default differently). A CPU ignores it."""
+    """The same float32 matmul precision on both sides, for the run only.
+
+    "highest" (true float32) or "tensorfloat32" (TF32 on NVIDIA GPUs, where JAX and PyTorch
+    otherwise default differently). A CPU ignores it.
+    """
     if precision not in ("highest", "tensorfloat32"):
-        raise SystemExit(f"bench.matmul_precision must be highest or tensorfloat32, got {precision!r}")
+        raise SystemExit(f"bench.matmul_precision must be highest or tensorfloat32, "
+                         f"got {precision!r}")
     before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     torch.set_float32_matmul_precision("highest" if precision == "highest" else "high")
     torch.backends.cudnn.allow_tf32 = precision != "highest"
@@ -119,11 +131,12 @@ def _matmul_precision(torch, precision: str):
         torch.backends.cudnn.allow_tf32 = before[1]
 
 
-def run_vs_pytorch_benchmark(config: ml_collections.ConfigDict, *, workdir, exp_name: str, data_dir=None,
-                             wandb_mode: str | None = None) -> dict:
+def run_vs_pytorch_benchmark(config: ml_collections.ConfigDict, *, workdir, exp_name: str,
+                             data_dir=None, wandb_mode: str | None = None) -> dict:
     """Run config.bench's settings; returns the results dict also written to results.json.
 
-    data_dir is accepted for launch.py's common runner signature and unused: batches are random tokens.
+    data_dir is accepted for launch.py's common runner signature and unused: batches are random
+    tokens.
     """
     del data_dir
     torch, _ = _torch()
@@ -135,13 +148,17 @@ def run_vs_pytorch_benchmark(config: ml_collections.ConfigDict, *, workdir, exp_
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     frameworks = ("jax",) + tuple(f for f in bench.frameworks if f != "jax")
-    logger = RunLogger(workdir=workdir, project=config.wandb.project, name=config.wandb.name or exp_name,
-                       group=config.wandb.group or None, tags=list(config.wandb.tags), config=config.to_dict(),
-                       mode=wandb_mode, job_type="benchmark", print_fn=print)
+    logger = RunLogger(workdir=workdir, project=config.wandb.project,
+                       name=config.wandb.name or exp_name, group=config.wandb.group or None,
+                       tags=list(config.wandb.tags), config=config.to_dict(), mode=wandb_mode,
+                       job_type="benchmark", print_fn=print)
     load_before = os.getloadavg()
-    print(f"{exp_name}: JAX {jax.__version__} on {jax.devices()[0].device_kind} vs PyTorch {torch.__version__} on "
-          f"{bench.torch_device} ({torch.get_num_threads()} threads), {bench.matmul_precision} float32 matmuls, "
-          f"{bench.reps} interleaved rounds after {bench.warmup} warm-up; load average {load_before[0]:.2f} "
+    print(f"{exp_name}: JAX {jax.__version__} on {jax.devices()[0].device_kind} "
+          f"vs PyTorch {torch.__version__} on "
+          f"{bench.torch_device} ({torch.get_num_threads()} threads), "
+          f"{bench.matmul_precision} float32 matmuls, "
+          f"{bench.reps} interleaved rounds after {bench.warmup} warm-up; "
+          f"load average {load_before[0]:.2f} "
           f"on {os.cpu_count()} cores")
     rows, start = [], time.perf_counter()
     precision = contextlib.ExitStack()
@@ -152,8 +169,9 @@ def run_vs_pytorch_benchmark(config: ml_collections.ConfigDict, *, workdir, exp_
                 steps, info = _setup(config, mixer, int(T), int(B), frameworks, print)
                 gap = max(abs(v - info["losses"]["jax"]) for v in info["losses"].values())
                 if gap > float(bench.loss_tolerance):
-                    raise RuntimeError(f"{mixer} T={T}: the implementations disagree on the first loss "
-                                       f"({info['losses']}), so their timings would not be comparable")
+                    raise RuntimeError(f"{mixer} T={T}: the implementations disagree on the "
+                                       f"first loss ({info['losses']}), so their timings "
+                                       "would not be comparable")
                 for _ in range(int(bench.warmup)):  # compiles JAX, warms PyTorch's allocator
                     for run in steps.values():
                         run()
@@ -163,33 +181,42 @@ def run_vs_pytorch_benchmark(config: ml_collections.ConfigDict, *, workdir, exp_
                         t0 = time.perf_counter()
                         run()
                         samples[name].append(time.perf_counter() - t0)
-                eager = timing.Timing.from_samples(samples["torch"]).median_s if "torch" in samples else None
+                eager = (timing.Timing.from_samples(samples["torch"]).median_s
+                         if "torch" in samples else None)
                 for name, s in samples.items():
                     t = timing.Timing.from_samples(s)
-                    rows.append(dict(T=int(T), batch=int(B), mixer=mixer, framework=name, params=info["params"],
+                    rows.append(dict(T=int(T), batch=int(B), mixer=mixer, framework=name,
+                                     params=info["params"],
                                      first_loss=info["losses"].get(name, info["losses"]["jax"]),
-                                     step_ms=1e3 * t.median_s, p25_ms=1e3 * t.p25_s, p75_ms=1e3 * t.p75_s,
+                                     step_ms=1e3 * t.median_s, p25_ms=1e3 * t.p25_s,
+                                     p75_ms=1e3 * t.p75_s,
                                      tokens_per_s=B * T / t.median_s, reps=t.reps,
                                      over_torch_eager=t.median_s / eager if eager else None,
-                                     compile_s=info.get("torch_compile_s") if name == "torch_compile" else None))
+                                     compile_s=(info.get("torch_compile_s")
+                                                if name == "torch_compile" else None)))
                     print(f"  T={T:<4} {mixer:<9} {name:<13} {1e3 * t.median_s:8.2f} ms "
-                          f"(IQR {1e3 * t.p25_s:.2f}-{1e3 * t.p75_s:.2f})  {B * T / t.median_s:9.0f} tok/s"
+                          f"(IQR {1e3 * t.p25_s:.2f}-{1e3 * t.p75_s:.2f})  "
+                          f"{B * T / t.median_s:9.0f} tok/s"
                           + (f"  {t.median_s / eager:.3f}x torch eager" if eager else ""))
-                logger.log({f"{r['framework']}/{r['mixer']}/step_ms": r["step_ms"] for r in rows if r["T"] == T},
+                logger.log({f"{r['framework']}/{r['mixer']}/step_ms": r["step_ms"]
+                            for r in rows if r["T"] == T},
                            step=index)
         table = _table(rows)
         print(table)
-        summary = {f"{r['mixer']}/T{r['T']}/{r['framework']}_over_torch_eager": r["over_torch_eager"]
+        summary = {f"{r['mixer']}/T{r['T']}/{r['framework']}_over_torch_eager":
+                   r["over_torch_eager"]
                    for r in rows if r["over_torch_eager"] is not None}
         logger.set_summary(summary)
     finally:
         precision.close()
         logger.finish()
-    results = dict(experiment=exp_name, config=config.to_dict(), rows=rows, summary=summary, table=table,
+    results = dict(experiment=exp_name, config=config.to_dict(), rows=rows, summary=summary,
+                   table=table,
                    environment={**timing.machine_info(), "torch": torch.__version__,
                                 "torch_device": str(bench.torch_device),
                                 "jax_device": jax.devices()[0].device_kind,
-                                "torch_threads": torch.get_num_threads(), "load_average_before": load_before,
+                                "torch_threads": torch.get_num_threads(),
+                                "load_average_before": load_before,
                                 "load_average_after": os.getloadavg()},
                    wall_s=time.perf_counter() - start)
     write_json(workdir / "results.json", results, indent=2)
@@ -198,10 +225,12 @@ def run_vs_pytorch_benchmark(config: ml_collections.ConfigDict, *, workdir, exp_
 
 
 def _table(rows: list[dict]) -> str:
-    lines = ["| T | batch | mixer | framework | ms/step (median) | IQR | tokens/s | / torch eager |",
+    lines = ["| T | batch | mixer | framework | ms/step (median) | IQR | tokens/s "
+             "| / torch eager |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = f"{r['over_torch_eager']:.3f}" if r["over_torch_eager"] is not None else "-"
-        lines.append(f"| {r['T']} | {r['batch']} | {r['mixer']} | {r['framework']} | {r['step_ms']:.2f} | "
+        lines.append(f"| {r['T']} | {r['batch']} | {r['mixer']} | {r['framework']} | "
+                     f"{r['step_ms']:.2f} | "
                      f"{r['p25_ms']:.2f}-{r['p75_ms']:.2f} | {r['tokens_per_s']:,.0f} | {ratio} |")
     return "\n".join(lines)

@@ -1,13 +1,15 @@
 """The data: token streams and their vocabularies (NumPy; WikiText-2 also needs `tokenizers`).
 
 files (data folder, checked downloads, atomic writes, token caches), char (tiny Shakespeare),
-wikitext (WikiText-2, WordPiece), batches (sample_batch, eval_batches: reproducible from seed and step).
+wikitext (WikiText-2, WordPiece), batches (sample_batch, eval_batches: reproducible from seed and
+step).
 """
 
 from grassjax.data.batches import eval_batches, sample_batch
-from grassjax.data.char import (SHAKESPEARE_SHA256, SHAKESPEARE_URL, CharDataset, CharVocab, load_char_dataset,
-                                load_text)
-from grassjax.data.files import DATA_DIR_ENV, DataError, DownloadError, resolve_data_dir, user_cache_dir
+from grassjax.data.char import (SHAKESPEARE_SHA256, SHAKESPEARE_URL, CharDataset, CharVocab,
+                                load_char_dataset, load_text)
+from grassjax.data.files import (DATA_DIR_ENV, DataError, DownloadError, resolve_data_dir,
+                                 user_cache_dir)
 
 
 def load_dataset(data_cfg, data_dir: str | None):
@@ -15,13 +17,14 @@ def load_dataset(data_cfg, data_dir: str | None):
     if data_cfg.dataset == "wikitext2":
         from grassjax.data import wikitext  # imports `tokenizers`: only when asked for
 
-        return wikitext.load_wikitext2(data_dir, vocab_size=data_cfg.vocab_size, vocab_file=data_cfg.vocab_file or None)
+        return wikitext.load_wikitext2(data_dir, vocab_size=data_cfg.vocab_size,
+                                       vocab_file=data_cfg.vocab_file or None)
     return load_char_dataset(data_dir, name=data_cfg.dataset, val_fraction=data_cfg.val_fraction,
                              allow_custom_text=data_cfg.allow_custom_text)
 
 
 __all__ = [
-    "DATA_DIR_ENV", "SHAKESPEARE_SHA256", "SHAKESPEARE_URL", "CharDataset", "CharVocab", "DataError", "DownloadError",
-    "eval_batches", "load_char_dataset", "load_dataset", "load_text", "resolve_data_dir", "sample_batch",
-    "user_cache_dir",
+    "DATA_DIR_ENV", "SHAKESPEARE_SHA256", "SHAKESPEARE_URL", "CharDataset", "CharVocab",
+    "DataError", "DownloadError", "eval_batches", "load_char_dataset", "load_dataset", "load_text",
+    "resolve_data_dir", "sample_batch", "user_cache_dir",
 ]

@@ -1,4 +1,5 @@
-"""Batches of token windows: training batches reproducible from (seed, step), and fixed evaluation batches."""
+"""Batches of token windows: training batches reproducible from (seed, step), and fixed
+evaluation batches."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from grassjax.data.files import DataError
 EVAL_STREAM = 2**63
 
 
-def _windows(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Windows tokens[s : s + block_size + 1] for every s in `starts` (any shape S) -> x, y int32 (*S, T)."""
+def _windows(tokens: np.ndarray, starts: np.ndarray,
+             block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Windows tokens[s : s + block_size + 1] for every s in `starts` (any shape S) -> x, y int32
+    (*S, T)."""
     # One fancy-indexing gather for the whole batch: (*S, 1) + (T + 1,) -> (*S, T + 1).
     windows = tokens[starts[..., None] + np.arange(block_size + 1)].astype(np.int32)
     return windows[..., :-1], windows[..., 1:]
@@ -22,10 +25,12 @@ def _check_tokens(tokens: np.ndarray, batch_size: int, block_size: int) -> np.nd
     if tokens.ndim != 1:
         raise DataError(f"tokens must be one stream of shape (N,), got shape {tokens.shape}")
     if batch_size < 1 or block_size < 1:
-        raise DataError(f"batch_size and block_size must be >= 1, got {batch_size} and {block_size}")
+        raise DataError(f"batch_size and block_size must be >= 1, got {batch_size} and "
+                        f"{block_size}")
     if len(tokens) < block_size + 1:
-        raise DataError(f"{len(tokens)} tokens cannot fill a window of block_size + 1 = {block_size + 1}; "
-                        f"lower --config.data.block_size (or use a longer text / smaller val_fraction)")
+        raise DataError(f"{len(tokens)} tokens cannot fill a window of block_size + 1 = "
+                        f"{block_size + 1}; lower --config.data.block_size (or use a longer text / "
+                        f"smaller val_fraction)")
     return tokens
 
 
@@ -33,11 +38,13 @@ def sample_batch(tokens: np.ndarray, *, batch_size: int, block_size: int, seed: 
                  step: int) -> tuple[np.ndarray, np.ndarray]:
     """A random training batch: x, y int32 of shape (B, T), where y is x shifted one token left.
 
-    The windows depend on (seed, step) alone, so a resumed run sees exactly the data it would have seen.
+    The windows depend on (seed, step) alone, so a resumed run sees exactly the data it would
+    have seen.
     """
     tokens = _check_tokens(tokens, batch_size, block_size)
     rng = np.random.default_rng([seed, step])
-    starts = rng.integers(0, len(tokens) - block_size, size=batch_size)  # last window ends at the last token
+    # The last window ends at the last token.
+    starts = rng.integers(0, len(tokens) - block_size, size=batch_size)
     return _windows(tokens, starts, block_size)
 
 
@@ -45,8 +52,8 @@ def eval_batches(tokens: np.ndarray, *, batch_size: int, block_size: int, num_ba
                  seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A fixed set of batches for estimating the loss: x, y int32 of shape (num_batches, B, T).
 
-    The same every time for a seed, so successive evaluations are comparable, and drawn from a random stream
-    that sample_batch never uses.
+    The same every time for a seed, so successive evaluations are comparable, and drawn from a
+    random stream that sample_batch never uses.
     """
     tokens = _check_tokens(tokens, batch_size, block_size)
     if num_batches < 1:

@@ -1,4 +1,5 @@
-"""Character-level text (tiny Shakespeare by default): the checked text, its vocabulary and token streams."""
+"""Character-level text (tiny Shakespeare by default): the checked text, its vocabulary and
+token streams."""
 
 from __future__ import annotations
 
@@ -12,17 +13,19 @@ from typing import Any
 
 import numpy as np
 
-from grassjax.data.files import (DATA_DIR_ENV, DataError, DownloadError, fetch, one_line, read_token_cache,
-                                 resolve_data_dir, write_atomically, write_token_cache)
+from grassjax.data.files import (DATA_DIR_ENV, DataError, DownloadError, fetch, one_line,
+                                 read_token_cache, resolve_data_dir, write_atomically,
+                                 write_token_cache)
 
-SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE_URL = ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/"
+                   "tinyshakespeare/input.txt")
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 TEXT_FILE = "input.txt"
 
 log = logging.getLogger(__name__)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The text
 
 
@@ -31,8 +34,9 @@ def load_text(data_dir: str | os.PathLike | None = None, *, name: str = "tinysha
               sha256: str = SHAKESPEARE_SHA256) -> str:
     """The text at <data_dir>/<name>/input.txt, downloaded from `url` if missing.
 
-    The file must hash to `sha256` unless allow_custom_text is set; a download must always match, and one that
-    does not is never kept. `url` and `sha256` default to tiny Shakespeare (tests pass a file:// URL).
+    The file must hash to `sha256` unless allow_custom_text is set; a download must always match,
+    and one that does not is never kept. `url` and `sha256` default to tiny Shakespeare (tests
+    pass a file:// URL).
     """
     path = resolve_data_dir(data_dir) / name / TEXT_FILE
     fix = (f"put {TEXT_FILE} at {path}, or pass --data_dir=DIR (or set {DATA_DIR_ENV}=DIR) "
@@ -42,8 +46,9 @@ def load_text(data_dir: str | os.PathLike | None = None, *, name: str = "tinysha
         raw = path.read_bytes()
         actual = hashlib.sha256(raw).hexdigest()
         if actual != sha256 and not allow_custom_text:
-            raise DataError(f"{path} has sha256 {actual}, expected {sha256} ({name}); replace it with the real "
-                            f"file, or pass --config.data.allow_custom_text=True to train on your own text")
+            raise DataError(f"{path} has sha256 {actual}, expected {sha256} ({name}); replace it "
+                            f"with the real file, or pass --config.data.allow_custom_text=True to "
+                            f"train on your own text")
     elif not download:
         raise DataError(f"{name} not found at {path} and downloading is off; {fix}")
     else:
@@ -51,33 +56,36 @@ def load_text(data_dir: str | os.PathLike | None = None, *, name: str = "tinysha
         try:
             raw = fetch(url)
         except DownloadError as err:
-            raise DataError(f"{name} not found at {path} and the download from {url} failed ({err}); {fix}") from None
+            raise DataError(f"{name} not found at {path} and the download from {url} failed "
+                            f"({err}); {fix}") from None
         actual = hashlib.sha256(raw).hexdigest()
         if actual != sha256:
-            raise DataError(f"the download from {url} has sha256 {actual}, expected {sha256}, so it was not "
-                            f"saved; retry, or {fix}")
+            raise DataError(f"the download from {url} has sha256 {actual}, expected {sha256}, so "
+                            f"it was not saved; retry, or {fix}")
         try:
             write_atomically(path, lambda f: f.write(raw))
         except OSError as err:
             # The verified text is in memory; failing to keep it only costs a download next time.
-            log.warning("Could not save %s (%s); pass --data_dir=DIR pointing at a writable folder", path,
-                        one_line(err))
+            log.warning("Could not save %s (%s); pass --data_dir=DIR pointing at a writable "
+                        "folder", path, one_line(err))
 
     try:
-        # Decode the bytes ourselves: text mode would rewrite \r\n and the text would no longer match its hash.
+        # Decode the bytes ourselves: text mode would rewrite \r\n and the text would no longer
+        # match its hash.
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise DataError(f"{path} is not UTF-8 text ({one_line(err)}); save it as UTF-8") from err
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The vocabulary
 
 
 def token_ids(ids: Iterable[int] | np.ndarray, vocab_size: int, unit: str) -> np.ndarray:
-    """Ids of shape (N,) (list, generator, NumPy or JAX array) as int64, checked against a `vocab_size`-`unit`
-    vocabulary: what every vocabulary's decode takes."""
-    ids = np.asarray(ids if hasattr(ids, "__array__") else list(ids))  # list() also takes generators
+    """Ids of shape (N,) (list, generator, NumPy or JAX array) as int64, checked against a
+    `vocab_size`-`unit` vocabulary: what every vocabulary's decode takes."""
+    # list() also takes generators.
+    ids = np.asarray(ids if hasattr(ids, "__array__") else list(ids))
     if ids.ndim > 1:
         raise DataError(f"decode takes one sequence of ids, got shape {ids.shape}; decode each row")
     ids = ids.reshape(-1).astype(np.int64)
@@ -98,11 +106,14 @@ class CharVocab:
     def __post_init__(self):
         chars = tuple(self.chars)
         if not chars or any(not isinstance(c, str) or len(c) != 1 for c in chars):
-            raise DataError(f"a vocabulary is a non-empty sequence of single characters, got {chars!r:.80}")
+            raise DataError(f"a vocabulary is a non-empty sequence of single characters, got "
+                            f"{chars!r:.80}")
         if list(chars) != sorted(set(chars)):
-            raise DataError("vocabulary characters must be unique and sorted; build it with CharVocab.from_text")
+            raise DataError("vocabulary characters must be unique and sorted; build it with "
+                            "CharVocab.from_text")
         if len(chars) > np.iinfo(np.uint16).max + 1:
-            raise DataError(f"{len(chars)} distinct characters do not fit uint16 tokens (at most 65536)")
+            raise DataError(f"{len(chars)} distinct characters do not fit uint16 tokens "
+                            f"(at most 65536)")
         object.__setattr__(self, "chars", chars)
         object.__setattr__(self, "_codes", np.array([ord(c) for c in chars], dtype=np.uint32))
 
@@ -124,8 +135,9 @@ class CharVocab:
         known = self._codes[np.minimum(ids, self.size - 1)] == codes
         if not known.all():
             i = int(np.argmin(known))
-            raise DataError(f"character {text[i]!r} (U+{ord(text[i]):04X}) at position {i} is not in the "
-                            f"{self.size}-character vocabulary; use only characters from the training text")
+            raise DataError(f"character {text[i]!r} (U+{ord(text[i]):04X}) at position {i} is not "
+                            f"in the {self.size}-character vocabulary; use only characters from "
+                            f"the training text")
         return ids.astype(np.uint16)
 
     def decode(self, ids: Iterable[int] | np.ndarray) -> str:
@@ -148,14 +160,16 @@ class CharVocab:
         return cls.from_dict(json.loads(s))
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The dataset
 
 
-# eq=False: dataclass equality and hashing would compare the arrays, which NumPy cannot reduce to one bool.
+# eq=False: dataclass equality and hashing would compare the arrays, which NumPy cannot reduce to
+# one bool.
 @dataclasses.dataclass(frozen=True, eq=False)
 class CharDataset:
-    """A text as uint16 tokens, split contiguously as nanoGPT does: the first part trains, the rest validates."""
+    """A text as uint16 tokens, split contiguously as nanoGPT does: the first part trains, the
+    rest validates."""
 
     train: np.ndarray  # (N_train,) uint16, the first 1 - val_fraction of the text
     val: np.ndarray  # (N_val,) uint16, the last val_fraction
@@ -166,15 +180,18 @@ class CharDataset:
 def load_char_dataset(data_dir: str | os.PathLike | None = None, *, name: str = "tinyshakespeare",
                       val_fraction: float = 0.1, allow_custom_text: bool = False,
                       download: bool = True) -> CharDataset:
-    """Load (see load_text), encode and split a text, reusing cached tokens when the text is unchanged.
+    """Load (see load_text), encode and split a text, reusing cached tokens when the text is
+    unchanged.
 
-    Tokens are cached at <data_dir>/<name>/tokens-<sha[:12]>.npz, or in the same place under the per-user
-    cache when that folder is read-only. The cache holds the whole token stream, so any val_fraction reuses it.
+    Tokens are cached at <data_dir>/<name>/tokens-<sha[:12]>.npz, or in the same place under the
+    per-user cache when that folder is read-only. The cache holds the whole token stream, so any
+    val_fraction reuses it.
     """
     if not 0 < val_fraction < 1:
         raise DataError(f"--config.data.val_fraction must be in (0, 1), got {val_fraction}")
     text = load_text(data_dir, name=name, allow_custom_text=allow_custom_text, download=download)
-    text_sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()  # load_text read exactly these bytes
+    # load_text read exactly these bytes.
+    text_sha256 = hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     folder = resolve_data_dir(data_dir) / name
     cache_name = f"tokens-{text_sha256[:12]}.npz"
@@ -191,10 +208,12 @@ def load_char_dataset(data_dir: str | os.PathLike | None = None, *, name: str = 
     else:
         vocab = CharVocab.from_text(text)
         tokens = vocab.encode(text)
-        write_token_cache(folder, cache_name, text_sha256, {"tokens": tokens, "chars": np.array(vocab.chars)})
+        write_token_cache(folder, cache_name, text_sha256,
+                          {"tokens": tokens, "chars": np.array(vocab.chars)})
 
     tokens.flags.writeable = False  # train and val are views of one shared array
     n_train = int(len(tokens) * (1 - val_fraction))
-    return CharDataset(train=tokens[:n_train], val=tokens[n_train:], vocab=vocab, text_sha256=text_sha256)
+    return CharDataset(train=tokens[:n_train], val=tokens[n_train:], vocab=vocab,
+                       text_sha256=text_sha256)
 
 

@@ -1,4 +1,5 @@
-"""Where data lives on disk: the data folder, checked downloads, atomic writes and the token caches."""
+"""Where data lives on disk: the data folder, checked downloads, atomic writes and the token
+caches."""
 
 from __future__ import annotations
 
@@ -39,7 +40,8 @@ def user_cache_dir() -> pathlib.Path:
 
 
 def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
-    """The data folder: the explicit argument (--data_dir) > $GRASSJAX_DATA_DIR > the per-user cache."""
+    """The data folder: the explicit argument (--data_dir) > $GRASSJAX_DATA_DIR > the per-user
+    cache."""
     chosen = data_dir or os.environ.get(DATA_DIR_ENV) or user_cache_dir()
     return pathlib.Path(chosen).expanduser()
 
@@ -71,15 +73,17 @@ def write_atomically(path: pathlib.Path, write: Callable[[Any], Any]) -> None:
 
 
 def fetch(url: str, timeout: float = DOWNLOAD_TIMEOUT_S) -> bytes:
-    """The whole body at `url`, or DownloadError: refused, unreachable, an HTTP error, a truncated body."""
+    """The whole body at `url`, or DownloadError: refused, unreachable, an HTTP error, a
+    truncated body."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
-            return response.read()  # raises IncompleteRead when the body is shorter than Content-Length
+            # Raises IncompleteRead when the body is shorter than Content-Length.
+            return response.read()
     except (OSError, ValueError, http.client.HTTPException) as err:  # URLError, timeouts: OSError
         raise DownloadError(one_line(err) or type(err).__name__) from None
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Caches: beside the data, else (read-only data folder) under the per-user cache
 
 
@@ -89,14 +93,16 @@ def cache_dirs(data_folder: pathlib.Path) -> list[pathlib.Path]:
 
 
 def may_write_cache(cache_dir: pathlib.Path, data_folder: pathlib.Path) -> bool:
-    """Never write into a read-only data folder (the shared data), even as root; the user cache is made on demand."""
+    """Never write into a read-only data folder (the shared data), even as root; the user cache
+    is made on demand."""
     return cache_dir != data_folder or is_writable_dir(data_folder)
 
 
-def read_token_cache(data_folder: pathlib.Path, name: str, key: str, load: Callable[[dict[str, np.ndarray]], T | None]
-                     ) -> T | None:
-    """load(arrays) of the first cache file `name` whose "key" entry is `key` and that load accepts (returns
-    not None); None if there is none (missing, truncated, for another text or tokenizer, not ours)."""
+def read_token_cache(data_folder: pathlib.Path, name: str, key: str,
+                     load: Callable[[dict[str, np.ndarray]], T | None]) -> T | None:
+    """load(arrays) of the first cache file `name` whose "key" entry is `key` and that load
+    accepts (returns not None); None if there is none (missing, truncated, for another text or
+    tokenizer, not ours)."""
     for folder in cache_dirs(data_folder):
         try:
             with np.load(folder / name, allow_pickle=False) as f:
@@ -110,8 +116,10 @@ def read_token_cache(data_folder: pathlib.Path, name: str, key: str, load: Calla
     return None
 
 
-def write_token_cache(data_folder: pathlib.Path, name: str, key: str, arrays: dict[str, np.ndarray]) -> None:
-    """Save `arrays` with their key in the first writable cache folder; a cache never fails a run."""
+def write_token_cache(data_folder: pathlib.Path, name: str, key: str,
+                      arrays: dict[str, np.ndarray]) -> None:
+    """Save `arrays` with their key in the first writable cache folder; a cache never fails a
+    run."""
     for folder in cache_dirs(data_folder):
         if not may_write_cache(folder, data_folder):
             continue

@@ -1,5 +1,6 @@
-"""Pure JAX functions: attention, Grassmann mixing, the local controls, their one-position (streaming)
-steps and their statistics. Imports JAX and NumPy only -- never Flax -- so it drops into any JAX code base.
+"""Pure JAX functions: attention, Grassmann mixing, the local controls, their one-position
+(streaming) `*_step` functions and their statistics. Imports JAX and NumPy only -- never Flax --
+so it drops into any JAX code base.
 """
 
 from grassjax.functional.attention import (

@@ -86,8 +86,8 @@ def scaled_dot_product_attention(
         or None); ignored when return_weights is True. With None, plain causal
         self-attention on the CPU backend runs `_causal_attention_heads_first`
         instead: the same maths as jax.nn's XLA path, laid out (B, H, T, D),
-        which XLA:CPU runs faster forward + backward (benchmark_scaling's
-        `attention` vs `attention_jax_nn` rows).
+        which XLA:CPU runs faster forward + backward (compare the `attention`
+        and `attention_jax_nn` rows of the benchmark_scaling experiment).
 
     Returns:
       out (..., T, H, D), or (out, weights) when return_weights is True.
@@ -111,8 +111,9 @@ def scaled_dot_product_attention(
         q4, k4, v4, mask=mask4, scale=scale, is_causal=plain_causal, implementation=implementation
     )  # (B, T, H, D)
     if mask4 is not None:
-        # jax.nn masks with a large finite negative, so a row with no visible key averages every value,
-        # future ones included. Zero it, as documented (plain causal rows always see themselves).
+        # jax.nn masks with a large finite negative, so a row with no visible key averages every
+        # value, future ones included. Zero it, as documented (plain causal rows always see
+        # themselves).
         has_key = jnp.any(mask4, axis=-1)  # (B, H, T)
         out = jnp.where(jnp.swapaxes(has_key, -1, -2)[..., None], out, 0)
     return out.reshape(q.shape[:-1] + (v.shape[-1],))
@@ -168,6 +169,6 @@ def attention_step(q_t: jax.Array, k_cache: jax.Array, v_cache: jax.Array, pos: 
     """
     S = k_cache.shape[-3]
     visible = (jnp.arange(S) <= pos)[None, :]  # (T=1, S): keys at positions <= pos
-    out = scaled_dot_product_attention(q_t[..., None, :, :], k_cache, v_cache, causal=False, mask=visible,
-                                       scale=scale)  # (..., 1, H, D)
+    out = scaled_dot_product_attention(q_t[..., None, :, :], k_cache, v_cache, causal=False,
+                                       mask=visible, scale=scale)  # (..., 1, H, D)
     return out[..., 0, :, :]

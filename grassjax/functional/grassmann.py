@@ -21,7 +21,8 @@ exactly parallel or zero states. p̂ therefore depends only on the directions,
 and every path computes it from u = z_t, v = z_{t-δ} rescaled by powers of two
 (exact, and no square can overflow):
 
-  d = v - (u·v / u·u) u,  sin θ = ‖d‖ / ‖v‖,  p̂ = u/‖u‖ ∧ d̂,  d̂ = (d/‖v‖) / max(sin θ, eps)
+  d = v - (u·v / u·u) u,  sin θ = ‖d‖ / ‖v‖,
+  p̂ = u/‖u‖ ∧ d̂,  d̂ = (d/‖v‖) / max(sin θ, eps)
 
 since u ∧ v = u ∧ d. The Gram-Schmidt residual d keeps the digits that the
 Lagrange identity ‖u∧v‖² = ‖u‖²‖v‖² - (u·v)² cancels away, and it is exactly
@@ -39,25 +40,28 @@ identity: u/‖u‖ is common to every pair and the wedge is bilinear, so
 
 and one projection replaces |W| of them, with O(r) work per pair.
 
-Order-keeping variant (`partner_mix`, one r x r matrix M_δ per offset): the mean over offsets forgets
-which partner came from which offset -- a ∧ (d̂^1 + d̂^2) cannot tell "x then y" from "y then x" once
-the two are summed. Mixing each normalised partner by its own matrix before the sum,
+Order-keeping variant (`partner_mix`, one r x r matrix M_δ per offset): the mean over
+offsets forgets which partner came from which offset -- a ∧ (d̂^1 + d̂^2) cannot tell
+"x then y" from "y then x" once the two are summed. Mixing each normalised partner by its
+own matrix before the sum,
 
   w_t = mean_δ d̂_t^δ M_δ        (row vectors, x @ M)
 
 keeps the collapse exact, because the wedge is linear in its second argument:
-mean_δ a ∧ (d̂^δ M_δ) = a ∧ w_t, so it is still one projection. Each offset now writes into its own
-part of the Plücker space; with every M_δ = I it is the paper's layer. ‖d̂^δ‖ <= 1, so the mixed
-partners stay bounded by ‖M_δ‖ for nearly parallel pairs too. Cost: m r² extra parameters and an
-(m, r) x (r, r) product per position, small next to the r² d projection.
+mean_δ a ∧ (d̂^δ M_δ) = a ∧ w_t, so it is still one projection. Each offset now writes
+into its own part of the Plücker space; with every M_δ = I it is the paper's layer.
+‖d̂^δ‖ <= 1, so the mixed partners stay bounded by ‖M_δ‖ for nearly parallel pairs too.
+Cost: m r² extra parameters and an (m, r) x (r, r) product per position, small next to
+the r² d projection.
 
 Weights: one `GrassmannWeights` bundle (x @ W convention, like Flax's Linear kernels):
   w_red (d, r), b_red (r,), w_plu (r(r-1)/2, d), b_plu (d,),
   w_gate (2d, d) acting on [h; g], b_gate (d,), and the optional partner_mix (m, r, r).
 
-Streaming (generation): `grassmann_mix_step` is the same layer at one position. Position t reads only z_t and
-the partners z_{t-δ}, so it needs the last max(offsets) reduced states, a fixed-size window whatever the
-context: (..., M, r) with M = max(offsets), oldest first, so z_{t-δ} sits at row M - δ (a static slice).
+Streaming (generation): `grassmann_mix_step` is the same layer at one position. Position t
+reads only z_t and the partners z_{t-δ}, so it needs the last max(offsets) reduced states,
+a fixed-size window whatever the context: (..., M, r) with M = max(offsets), oldest first,
+so z_{t-δ} sits at row M - δ (a static slice).
 """
 
 from __future__ import annotations
@@ -90,7 +94,8 @@ class GrassmannWeights(NamedTuple):
     def of(cls, weights: "GrassmannWeights | None" = None, **arrays) -> "GrassmannWeights":
         """`weights`, or the bundle of keyword arrays w_red=..., b_gate=... (and partner_mix=...).
 
-        The mixing functions take either form: weights=GrassmannWeights(...) or the six arrays as keywords.
+        The mixing functions take either form: weights=GrassmannWeights(...) or the six arrays
+        as keywords.
         """
         if weights is None:
             return cls(**arrays)
@@ -98,7 +103,8 @@ class GrassmannWeights(NamedTuple):
             weights = weights._replace(partner_mix=arrays.pop("partner_mix"))
         arrays.pop("partner_mix", None)
         if arrays:
-            raise TypeError(f"pass the weights either as a GrassmannWeights or as keywords, not both: {sorted(arrays)}")
+            raise TypeError("pass the weights either as a GrassmannWeights or as keywords, "
+                            f"not both: {sorted(arrays)}")
         return weights
 
 
@@ -135,7 +141,8 @@ def _plucker_slices(u: jax.Array, v: jax.Array) -> jax.Array:
     r = u.shape[-1]
     # One slice pair per row i instead of an index gather: XLA fuses these into
     # a single elementwise loop.
-    rows = [u[..., i : i + 1] * v[..., i + 1 :] - v[..., i : i + 1] * u[..., i + 1 :] for i in range(r - 1)]
+    rows = [u[..., i : i + 1] * v[..., i + 1 :] - v[..., i : i + 1] * u[..., i + 1 :]
+            for i in range(r - 1)]
     if not rows:
         return jnp.zeros(u.shape[:-1] + (0,), u.dtype)
     return jnp.concatenate(rows, axis=-1)
@@ -143,7 +150,8 @@ def _plucker_slices(u: jax.Array, v: jax.Array) -> jax.Array:
 
 @functools.lru_cache(maxsize=None)
 def _antisymmetric_tables(r: int) -> tuple[np.ndarray, np.ndarray]:
-    """For the flattened r x r matrix: coordinate index k(i, j) of the pair {i, j}, and sign +1 (i<j), -1 (i>j), 0."""
+    """For the flattened r x r matrix: coordinate index k(i, j) of the pair {i, j}, and sign
+    +1 (i<j), -1 (i>j), 0."""
     i, j = np.triu_indices(r, 1)
     index = np.zeros((r, r), np.int32)
     sign = np.zeros((r, r), np.float32)
@@ -181,14 +189,16 @@ def _plucker_jvp(primals, tangents):
 
 
 def rescale(u: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """u scaled by a power of two so that max|u| lies in [1/2, 1) (0 for u = 0), and that scale (..., 1).
+    """u scaled by a power of two so that max|u| lies in [1/2, 1) (0 for u = 0), and that
+    scale (..., 1).
 
     Scaling by a power of two is exact, so equal (or opposite) rows stay
     exactly equal (or opposite) wherever XLA computes them (a division would
     not: XLA:CPU may turn it into a multiply by a rounded reciprocal). No later
     square overflows or underflows, whatever the scale of u.
     """
-    # Everything built from the rescaled vectors is invariant to the scale, so its gradient may treat it as constant.
+    # Everything built from the rescaled vectors is invariant to the scale, so its gradient may
+    # treat it as constant.
     max_abs = jax.lax.stop_gradient(jnp.max(jnp.abs(u), axis=-1, keepdims=True))
     _, exponent = jnp.frexp(max_abs)  # max_abs = m 2^e, m in [1/2, 1); e = 0 for 0
     scale = jnp.ldexp(jnp.ones_like(max_abs), exponent)
@@ -214,10 +224,11 @@ def orthogonal_residual(u: jax.Array, v: jax.Array) -> jax.Array:
 
 
 def normalized_partner(u: jax.Array, v: jax.Array, eps: float) -> tuple[jax.Array, jax.Array]:
-    """The partner d̂ with p̂(u, v) = u/‖u‖ ∧ d̂, and sin θ = ‖u ∧ v‖ / (‖u‖ ‖v‖), for rescaled u, v.
+    """The partner d̂ with p̂(u, v) = u/‖u‖ ∧ d̂, and sin θ, for rescaled u, v.
 
-    d̂ = (d / ‖v‖) / max(sin θ, eps) with d = `orthogonal_residual`(u, v): the
-    relative eps rule of the module docstring. Zero vectors give d̂ = 0.
+    sin θ = ‖u ∧ v‖ / (‖u‖ ‖v‖) and d̂ = (d / ‖v‖) / max(sin θ, eps) with
+    d = `orthogonal_residual`(u, v): the relative eps rule of the module
+    docstring. Zero vectors give d̂ = 0.
 
     Args:
       u: (..., r); v: (..., r), broadcastable.
@@ -289,7 +300,8 @@ def offset_validity(offsets: Sequence[int], T: int) -> np.ndarray:
     return np.arange(T)[:, None] >= np.asarray(offsets)[None, :]
 
 
-def gate(h: jax.Array, g: jax.Array, w_gate: jax.Array, b_gate: jax.Array) -> tuple[jax.Array, jax.Array]:
+def gate(h: jax.Array, g: jax.Array, w_gate: jax.Array,
+         b_gate: jax.Array) -> tuple[jax.Array, jax.Array]:
     """α = sigmoid([h; g] W_gate + b_gate); returns (α h + (1 - α) g, α)."""
     # Two matmuls instead of one on the concatenation, which would be materialised.
     d = h.shape[-1]
@@ -297,9 +309,10 @@ def gate(h: jax.Array, g: jax.Array, w_gate: jax.Array, b_gate: jax.Array) -> tu
     return alpha * h + (1 - alpha) * g, alpha
 
 
-def grassmann_feature(u: jax.Array, partners: jax.Array, valid, weights: GrassmannWeights, *, eps: float,
-                      dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """g = mean over valid δ of (p̂^δ W_plu + b_plu), by the wedge collapse: one projection for all offsets.
+def grassmann_feature(u: jax.Array, partners: jax.Array, valid, weights: GrassmannWeights, *,
+                      eps: float, dtype) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """g = mean over valid δ of (p̂^δ W_plu + b_plu), by the wedge collapse: one projection
+    for all offsets.
 
     Shared by `grassmann_mix` (all positions) and `grassmann_mix_step` (one position).
 
@@ -307,8 +320,8 @@ def grassmann_feature(u: jax.Array, partners: jax.Array, valid, weights: Grassma
       u: (..., r) z_t, rescaled (see `rescale`).
       partners: (..., m, r) z_{t-δ}, rescaled, one per offset.
       valid: (..., m) bool (NumPy or traced), whether z_{t-δ} exists.
-      weights: w_plu and b_plu project; partner_mix, if any, is the order-keeping variant: d̂^δ -> d̂^δ M_δ
-        before the mean.
+      weights: w_plu and b_plu project; partner_mix, if any, is the order-keeping variant:
+        d̂^δ -> d̂^δ M_δ before the mean.
       dtype: the dtype of the coordinates and the projection (z's dtype).
     Returns:
       g (..., d), 0 where no offset is valid; w (..., r), the collapsed partner
@@ -330,8 +343,9 @@ def grassmann_feature(u: jax.Array, partners: jax.Array, valid, weights: Grassma
 _jit_mixer = functools.partial(jax.jit, static_argnames=("offsets", "eps", "return_intermediates"))
 
 
-def grassmann_mix_reference(h: jax.Array, weights: GrassmannWeights | None = None, *, offsets: Sequence[int],
-                            eps: float = 1e-6, return_intermediates: bool = False, **weight_arrays):
+def grassmann_mix_reference(h: jax.Array, weights: GrassmannWeights | None = None, *,
+                            offsets: Sequence[int], eps: float = 1e-6,
+                            return_intermediates: bool = False, **weight_arrays):
     """Causal Grassmann mixing, computed literally: every offset, explicit coordinates.
 
     Slow (one r(r-1)/2 x d projection per offset); kept as the specification
@@ -339,8 +353,8 @@ def grassmann_mix_reference(h: jax.Array, weights: GrassmannWeights | None = Non
 
     Args:
       h: (..., T, d) hidden states.
-      weights: a GrassmannWeights (or its arrays as keywords, w_red=..., partner_mix=...); see module
-        docstring. partner_mix selects the order-keeping variant,
+      weights: a GrassmannWeights (or its arrays as keywords, w_red=..., partner_mix=...); see
+        module docstring. partner_mix selects the order-keeping variant,
         g_t^δ = W_plu (a ∧ d̂^δ M_δ) + b_plu with a ∧ d̂^δ = p̂_t^δ.
       offsets: positive ints; position t pairs with t - δ. Repeats count twice
         in the mean, as in the paper's {1, 2, 4, 8, 8, 8}.
@@ -355,7 +369,8 @@ def grassmann_mix_reference(h: jax.Array, weights: GrassmannWeights | None = Non
     weights = GrassmannWeights.of(weights, **weight_arrays)
     offsets = check_offsets(offsets)
     check_partner_mix(weights.partner_mix, offsets, weights.w_red.shape[-1])
-    return _reference(h, weights, offsets=offsets, eps=eps, return_intermediates=return_intermediates)
+    return _reference(h, weights, offsets=offsets, eps=eps,
+                      return_intermediates=return_intermediates)
 
 
 def check_partner_mix(partner_mix, offsets: Sequence[int], r: int) -> None:
@@ -379,21 +394,27 @@ def _reference(h, weights: GrassmannWeights, *, offsets, eps, return_intermediat
     for k, delta in enumerate(offsets):
         v = shift(u, delta, axis=-2)  # z_{t-δ}, rescaled
         v_len = vector_norm(v)
-        d = orthogonal_residual(u, v) / jnp.where(v_len > 0, v_len, 1)  # a ∧ d = a ∧ v/‖v‖, no cancellation
-        p = plucker(a, d)  # (..., T, P): the coordinates of z_t ∧ z_{t-δ}, divided by ‖z_t‖ ‖z_{t-δ}‖
-        sin = safe_sqrt(jnp.sum(p * p, axis=-1, keepdims=True))  # (..., T, 1), the norm from the coordinates
+        # a ∧ d = a ∧ v/‖v‖, no cancellation
+        d = orthogonal_residual(u, v) / jnp.where(v_len > 0, v_len, 1)
+        # (..., T, P): the coordinates of z_t ∧ z_{t-δ}, divided by ‖z_t‖ ‖z_{t-δ}‖
+        p = plucker(a, d)
+        # (..., T, 1), the norm from the coordinates
+        sin = safe_sqrt(jnp.sum(p * p, axis=-1, keepdims=True))
         p_hat = p / jnp.maximum(sin, eps)
-        if partner_mix is not None:  # order-keeping variant: the plane of a and (d / max(sin, eps)) M_δ
+        # Order-keeping variant: the plane of a and (d / max(sin, eps)) M_δ.
+        if partner_mix is not None:
             p_hat = plucker(a, (d / jnp.maximum(sin, eps)) @ partner_mix[k].astype(acc))
         g_delta = p_hat @ w_plu.astype(acc) + b_plu  # (..., T, d)
         g_sum = g_sum + jnp.where(valid[:, k : k + 1], g_delta, 0.0)
-        norms.append(jnp.where(valid[:, k], (sin * z_len * shift(z_len, delta, axis=-2))[..., 0], 0.0))
+        norms.append(jnp.where(valid[:, k], (sin * z_len * shift(z_len, delta, axis=-2))[..., 0],
+                               0.0))
     num_valid = valid.sum(axis=1)[:, None]  # (T, 1)
     g = (g_sum / np.maximum(num_valid, 1)).astype(h.dtype)  # rows with no valid offset stay 0
     out, alpha = gate(h, g, w_gate, b_gate)
     if not return_intermediates:
         return out
-    return out, dict(z=z, g=g, alpha=alpha, plucker_norm=jnp.stack(norms, -1), valid=jnp.asarray(valid))
+    return out, dict(z=z, g=g, alpha=alpha, plucker_norm=jnp.stack(norms, -1),
+                     valid=jnp.asarray(valid))
 
 
 def grassmann_mix(h: jax.Array, weights: GrassmannWeights | None = None, *, offsets: Sequence[int],
@@ -405,8 +426,9 @@ def grassmann_mix(h: jax.Array, weights: GrassmannWeights | None = None, *, offs
 
     Args:
       h: (..., T, d) hidden states, float32 or bfloat16.
-      weights: a GrassmannWeights, or its arrays as keywords (w_red=..., b_gate=..., partner_mix=...).
-        With partner_mix (m, r, r): the order-keeping variant, w_t = mean_δ d̂_t^δ M_δ.
+      weights: a GrassmannWeights, or its arrays as keywords (w_red=..., b_gate=...,
+        partner_mix=...). With partner_mix (m, r, r): the order-keeping variant,
+        w_t = mean_δ d̂_t^δ M_δ.
       offsets: positive ints (static). Position t pairs with t - δ.
       eps: relative floor on each Plücker norm, as in `grassmann_mix_reference`.
       return_intermediates: also return a dict with
@@ -423,13 +445,15 @@ def grassmann_mix(h: jax.Array, weights: GrassmannWeights | None = None, *, offs
     weights = GrassmannWeights.of(weights, **weight_arrays)
     offsets = check_offsets(offsets)
     check_partner_mix(weights.partner_mix, offsets, weights.w_red.shape[-1])
-    return _wedge_collapse(h, weights, offsets=offsets, eps=eps, return_intermediates=return_intermediates)
+    return _wedge_collapse(h, weights, offsets=offsets, eps=eps,
+                           return_intermediates=return_intermediates)
 
 
 @_jit_mixer
 def _wedge_collapse(h, weights: GrassmannWeights, *, offsets, eps, return_intermediates):
-    # Everything but the time shifts is per position, so it runs on (N, ...) with N = batch x T rows: the
-    # same shapes (and the same XLA fusions, parallelised over N) whether the batch is 16 x 256 or 1 x 4096.
+    # Everything but the time shifts is per position, so it runs on (N, ...) with N = batch x T
+    # rows: the same shapes (and the same XLA fusions, parallelised over N) whether the batch is
+    # 16 x 256 or 1 x 4096.
     *lead, T, d = h.shape
     n = math.prod(lead)
     h2 = h.reshape(n * T, d)
@@ -439,8 +463,8 @@ def _wedge_collapse(h, weights: GrassmannWeights, *, offsets, eps, return_interm
     u, scale = rescale(z.astype(acc))  # (N, r), (N, 1)
     valid_t = offset_validity(offsets, T)  # (T, m), static
     valid = np.tile(valid_t, (n, 1))  # (N, m)
-    # All offsets at once (a handful of fused ops instead of a few per offset, forward and backward):
-    # partners[row(b, t), k, :] = u_{b, t - δ_k}, zero where t < δ_k.
+    # All offsets at once (a handful of fused ops instead of a few per offset, forward and
+    # backward): partners[row(b, t), k, :] = u_{b, t - δ_k}, zero where t < δ_k.
     partners = shifted_partners(u.reshape(n, T, r), offsets).reshape(n * T, len(offsets), r)
     g, w, sin = grassmann_feature(u, partners, valid, weights, eps=eps, dtype=z.dtype)
     g = g.astype(h.dtype)
@@ -452,10 +476,11 @@ def _wedge_collapse(h, weights: GrassmannWeights, *, offsets, eps, return_interm
     partner_len = shifted_partners(z_len.reshape(n, T, 1), offsets).reshape(n * T, len(offsets))
     norm = jnp.where(valid, sin * z_len * partner_len, 0.0)  # ‖z_t ∧ z_{t-δ}‖
     return unflatten(out), dict(z=unflatten(z), g=unflatten(g), alpha=unflatten(alpha),
-                                plucker_norm=unflatten(norm), valid=jnp.asarray(valid_t), w=unflatten(w))
+                                plucker_norm=unflatten(norm), valid=jnp.asarray(valid_t),
+                                w=unflatten(w))
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Streaming: one position at a time, from a window of the last max(offsets) reduced states
 
 
@@ -471,7 +496,8 @@ def init_grassmann_window(batch_shape: Sequence[int], offsets: Sequence[int], ra
 
 
 def grassmann_window_from_states(z: jax.Array, offsets: Sequence[int]) -> jax.Array:
-    """The window after a prefix: the last max(offsets) rows of z (..., T, r), zero-padded in front if T < M."""
+    """The window after a prefix: the last max(offsets) rows of z (..., T, r), zero-padded in
+    front if T < M."""
     M, T = grassmann_window_size(offsets), z.shape[-2]
     if T >= M:
         return z[..., T - M :, :]
@@ -484,9 +510,9 @@ def push_grassmann_window(window: jax.Array, z_t: jax.Array) -> jax.Array:
     return jnp.concatenate([window[..., 1:, :], z_t[..., None, :].astype(window.dtype)], axis=-2)
 
 
-def grassmann_mix_step(h_t: jax.Array, window: jax.Array, pos: jax.Array, weights: GrassmannWeights | None = None,
-                       *, offsets: Sequence[int], eps: float = 1e-6,
-                       **weight_arrays) -> tuple[jax.Array, jax.Array]:
+def grassmann_mix_step(h_t: jax.Array, window: jax.Array, pos: jax.Array,
+                       weights: GrassmannWeights | None = None, *, offsets: Sequence[int],
+                       eps: float = 1e-6, **weight_arrays) -> tuple[jax.Array, jax.Array]:
     """`grassmann_mix` at the single position `pos`, from the window of earlier reduced states.
 
     Same maths, same operation order as `grassmann_mix` (wedge collapse), so
@@ -506,12 +532,15 @@ def grassmann_mix_step(h_t: jax.Array, window: jax.Array, pos: jax.Array, weight
     offsets = check_offsets(offsets)
     M = max(offsets)
     if window.shape[-2] != M:
-        raise ValueError(f"window holds {window.shape[-2]} states, offsets {offsets} need max(offsets) = {M}")
+        raise ValueError(f"window holds {window.shape[-2]} states, offsets {offsets} need "
+                         f"max(offsets) = {M}")
     z = h_t @ weights.w_red + weights.b_red  # (..., r)
-    acc = jnp.promote_types(z.dtype, jnp.float32)  # as grassmann_mix: directions and w in >= float32
+    # As in grassmann_mix: directions and w in >= float32.
+    acc = jnp.promote_types(z.dtype, jnp.float32)
     u, _ = rescale(z.astype(acc))  # (..., r)
     past, _ = rescale(window.astype(acc))  # (..., M, r)
-    partners = jnp.stack([past[..., M - delta, :] for delta in offsets], axis=-2)  # z_{pos-δ}: (..., m, r)
+    # z_{pos-δ}: (..., m, r)
+    partners = jnp.stack([past[..., M - delta, :] for delta in offsets], axis=-2)
     valid = pos >= jnp.asarray(offsets)  # (m,): the partner t - δ exists
     g, _, _ = grassmann_feature(u, partners, valid, weights, eps=eps, dtype=z.dtype)
     out, _ = gate(h_t, g.astype(h_t.dtype), weights.w_gate, weights.b_gate)

@@ -1,18 +1,10 @@
-"""Two local control mixers, as pure JAX functions: sliding-window causal attention and a causal depthwise
-convolution.
+"""Two local control mixers, as pure JAX functions: sliding-window causal attention and a causal
+depthwise convolution, and their one-position streaming steps (`*_step`).
 
-They answer "is it the Grassmann maths, or just locality?": both read exactly the positions a Grassmann
-layer with largest offset M reads, t - M .. t (M + 1 positions, the current one included), one with
-content-based weights (attention) and one with fixed per-channel weights (convolution, attention-free).
-
-Conventions:
-  * window W = M: query t sees keys s with t - W <= s <= t (W + 1 keys);
-  * convolution kernel (K, C) with K = W + 1: out_t = sum_j kernel[j] * x_{t-j} + bias, j = 0 .. K-1,
-    kernel[0] weighting the current position; positions before 0 count as zeros.
-
-Streaming state, like the Grassmann window (`grassjax.functional.decode`), is a fixed-size buffer,
-oldest row first: attention keeps the last W + 1 keys and values (this token's included), the
-convolution the last K - 1 inputs. Memory per layer does not grow with the context.
+They answer "is it the Grassmann maths, or just locality?": both read exactly the positions
+t - M .. t that a Grassmann layer with largest offset M reads, with content-based weights
+(attention, window W = M) or fixed per-channel ones (convolution, kernel K = M + 1). Streaming
+state, like `grassmann_mix_step`'s window, is a fixed-size buffer, oldest row first.
 """
 
 from __future__ import annotations
@@ -34,7 +26,8 @@ def _check_window(window: int) -> int:
 
 
 def sliding_window_mask(T: int, S: int | None = None, *, window: int) -> jax.Array:
-    """Boolean (T, S), True where query t may see key s: t - window <= s <= t (keys aligned to the end)."""
+    """Boolean (T, S), True where query t may see key s: t - window <= s <= t (keys aligned to
+    the end)."""
     window = _check_window(window)
     S = T if S is None else S
     t = jnp.arange(T)[:, None] + (S - T)  # query positions on the key axis
@@ -42,8 +35,9 @@ def sliding_window_mask(T: int, S: int | None = None, *, window: int) -> jax.Arr
     return (s <= t) & (t - s <= window)
 
 
-# Jitted with the static arguments static, as grassmann_mix is: eagerly, the mask construction and the
-# convolution's K shifted copies would dispatch op by op. Inside an outer jit this is a no-op.
+# Jitted with the static arguments static, as grassmann_mix is: eagerly, the mask construction
+# and the convolution's K shifted copies would dispatch op by op. Inside an outer jit this is a
+# no-op.
 @functools.partial(jax.jit, static_argnames=("window", "scale", "return_weights", "implementation"))
 def sliding_window_attention(
     q: jax.Array,
@@ -55,7 +49,7 @@ def sliding_window_attention(
     return_weights: bool = False,
     implementation: str | None = None,
 ):
-    """Causal attention restricted to the last `window` keys before each query, plus the query's own.
+    """Causal attention restricted to the last `window` keys before each query, plus its own.
 
     Args:
       q: (..., T, H, D) queries; k, v: (..., S, H, D) keys and values (S >= T, aligned to the end).
@@ -65,8 +59,10 @@ def sliding_window_attention(
       out (..., T, H, D), or (out, weights (..., H, T, S)) when return_weights is True.
     """
     T, S = q.shape[-3], k.shape[-3]
-    return scaled_dot_product_attention(q, k, v, causal=True, mask=sliding_window_mask(T, S, window=window),
-                                        scale=scale, return_weights=return_weights, implementation=implementation)
+    return scaled_dot_product_attention(q, k, v, causal=True,
+                                        mask=sliding_window_mask(T, S, window=window),
+                                        scale=scale, return_weights=return_weights,
+                                        implementation=implementation)
 
 
 def _last_rows(x: jax.Array, n: int, axis: int) -> jax.Array:
@@ -97,19 +93,22 @@ def init_kv_window(batch_shape: Sequence[int], window: int, num_heads: int, head
 
 
 def kv_window_from_states(k: jax.Array, v: jax.Array, window: int) -> tuple[jax.Array, jax.Array]:
-    """Buffers after a prefix: the last window + 1 rows of k, v (..., T, H, D), zero-padded in front."""
+    """Buffers after a prefix: the last window + 1 rows of k, v (..., T, H, D), zero-padded in
+    front."""
     n = _check_window(window) + 1
     return _last_rows(k, n, axis=-3), _last_rows(v, n, axis=-3)
 
 
-def sliding_window_attention_step(q_t: jax.Array, k_t: jax.Array, v_t: jax.Array, k_window: jax.Array,
-                                  v_window: jax.Array, pos: jax.Array, *, scale: float | None = None):
-    """`sliding_window_attention` at the single position `pos`, from buffers of the previous keys and values.
+def sliding_window_attention_step(q_t: jax.Array, k_t: jax.Array, v_t: jax.Array,
+                                  k_window: jax.Array, v_window: jax.Array, pos: jax.Array, *,
+                                  scale: float | None = None):
+    """`sliding_window_attention` at the single position `pos`, from buffers of the previous
+    keys and values.
 
     Args:
       q_t, k_t, v_t: (..., H, D) this position's query, key and value.
-      k_window, v_window: (..., W + 1, H, D), positions pos - W - 1 .. pos - 1, oldest first (rows for
-        positions before 0 are ignored).
+      k_window, v_window: (..., W + 1, H, D), positions pos - W - 1 .. pos - 1, oldest first
+        (rows for positions before 0 are ignored).
       pos: int scalar (may be traced).
     Returns:
       (out_t (..., H, D), new k_window, new v_window) -- the buffers now end with position pos.
@@ -118,14 +117,17 @@ def sliding_window_attention_step(q_t: jax.Array, k_t: jax.Array, v_t: jax.Array
     k_window, v_window = _push(k_window, k_t, axis=-3), _push(v_window, v_t, axis=-3)
     # Row j now holds position pos - (n - 1) + j: visible when that position exists.
     visible = (jnp.arange(n) >= (n - 1) - pos)[None, :]  # (1, W + 1)
-    out = scaled_dot_product_attention(q_t[..., None, :, :], k_window, v_window, causal=False, mask=visible,
-                                       scale=scale)  # (..., 1, H, D)
+    out = scaled_dot_product_attention(q_t[..., None, :, :], k_window, v_window, causal=False,
+                                       mask=visible, scale=scale)  # (..., 1, H, D)
     return out[..., 0, :, :], k_window, v_window
 
 
 @jax.jit
-def causal_depthwise_conv(x: jax.Array, *, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
-    """Per-channel causal convolution: out_t = sum_j kernel[j] * x_{t-j} + bias.
+def causal_depthwise_conv(x: jax.Array, *, kernel: jax.Array,
+                          bias: jax.Array | None = None) -> jax.Array:
+    """Per-channel causal convolution: out_t = sum_j kernel[j] * x_{t-j} + bias, j = 0 .. K-1.
+
+    Positions before 0 count as zeros.
 
     Args:
       x: (..., T, C).
@@ -139,12 +141,14 @@ def causal_depthwise_conv(x: jax.Array, *, kernel: jax.Array, bias: jax.Array | 
     out = x * kernel[0]
     # K shifted copies, summed: XLA fuses them into one loop, and K (= max offset + 1) is small.
     for j in range(1, min(K, T)):
-        shifted = jnp.pad(x[..., : T - j, :], [(0, 0)] * (x.ndim - 2) + [(j, 0), (0, 0)])  # x_{t-j}, 0 for t < j
+        # x_{t-j}, 0 for t < j
+        shifted = jnp.pad(x[..., : T - j, :], [(0, 0)] * (x.ndim - 2) + [(j, 0), (0, 0)])
         out = out + shifted * kernel[j]
     return out if bias is None else out + bias.astype(x.dtype)
 
 
-def init_conv_window(batch_shape: Sequence[int], kernel_size: int, channels: int, dtype=jnp.float32) -> jax.Array:
+def init_conv_window(batch_shape: Sequence[int], kernel_size: int, channels: int,
+                     dtype=jnp.float32) -> jax.Array:
     """Empty buffer of past inputs, (*batch_shape, kernel_size - 1, C)."""
     return jnp.zeros((*batch_shape, kernel_size - 1, channels), dtype)
 
@@ -160,15 +164,17 @@ def causal_conv_step(x_t: jax.Array, window: jax.Array, *, kernel: jax.Array,
 
     Args:
       x_t: (..., C) input at position pos.
-      window: (..., K - 1, C) inputs x_{pos-K+1} .. x_{pos-1}, oldest first (zeros before position 0,
-        which is exactly the convolution's zero padding, so no position mask is needed).
+      window: (..., K - 1, C) inputs x_{pos-K+1} .. x_{pos-1}, oldest first (zeros before
+        position 0, which is exactly the convolution's zero padding, so no position mask is
+        needed).
       kernel, bias: as in `causal_depthwise_conv`.
     Returns:
       (out_t (..., C), new window ending with x_t).
     """
     K = kernel.shape[0]
     if window.shape[-2] != K - 1:
-        raise ValueError(f"window holds {window.shape[-2]} inputs, a kernel of size {K} needs {K - 1}")
+        raise ValueError(f"window holds {window.shape[-2]} inputs, a kernel of size {K} needs "
+                         f"{K - 1}")
     kernel = kernel.astype(x_t.dtype)
     # window row K-1-j holds x_{pos-j} for j = 1 .. K-1: reverse the kernel's tail to line them up.
     out = x_t * kernel[0] + jnp.einsum("...kc,kc->...c", window.astype(x_t.dtype), kernel[1:][::-1])

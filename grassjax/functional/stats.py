@@ -79,16 +79,18 @@ def offset_alignment(z: jax.Array, w: jax.Array, valid: jax.Array, offsets: Sequ
     """
     u, _ = rescale(z.astype(w.dtype))  # (..., T, r)
     a = direction(u)
-    d_hat, _ = normalized_partner(u[..., None, :], shifted_partners(u, offsets), eps)  # (..., T, m, r)
+    # (..., T, m, r)
+    d_hat, _ = normalized_partner(u[..., None, :], shifted_partners(u, offsets), eps)
     aw = jnp.sum(a * w, -1)[..., None]  # (..., T, 1)
-    inner = jnp.sum(a * a, -1)[..., None] * jnp.sum(d_hat * w[..., None, :], -1) - aw * jnp.sum(d_hat * a[..., None, :], -1)
+    inner = (jnp.sum(a * a, -1)[..., None] * jnp.sum(d_hat * w[..., None, :], -1)
+             - aw * jnp.sum(d_hat * a[..., None, :], -1))
     scores = jnp.where(valid, jnp.abs(inner), 0.0)  # (..., T, m)
     total = scores.sum(-1, keepdims=True)
     return jnp.where(total > 0, scores / jnp.where(total > 0, total, 1.0), 0.0)
 
 
-def grassmann_stats(intermediates: dict[str, jax.Array], offsets: Sequence[int], *, eps: float = 1e-6,
-                    hist_bins: int = 20) -> dict[str, jax.Array]:
+def grassmann_stats(intermediates: dict[str, jax.Array], offsets: Sequence[int], *,
+                    eps: float = 1e-6, hist_bins: int = 20) -> dict[str, jax.Array]:
     """Scalar and small-vector summaries of one Grassmann layer.
 
     Args:
@@ -114,7 +116,8 @@ def grassmann_stats(intermediates: dict[str, jax.Array], offsets: Sequence[int],
     share = offset_alignment(intermediates["z"], intermediates["w"], valid, offsets, eps)
     any_valid = valid.any(-1)  # (T,)
     flat = share.reshape((-1,) + share.shape[-2:])  # (N, T, m)
-    share_mean = flat.sum((0, 1)) / jnp.maximum(flat.shape[0] * any_valid.sum(), 1)  # over positions with g != 0
+    # Over positions with g != 0.
+    share_mean = flat.sum((0, 1)) / jnp.maximum(flat.shape[0] * any_valid.sum(), 1)
     return {
         "gate_mean": alpha.mean(),
         "gate_std": alpha.std(),
@@ -128,7 +131,9 @@ def grassmann_stats(intermediates: dict[str, jax.Array], offsets: Sequence[int],
     }
 
 
-def offset_share_map(intermediates: dict[str, jax.Array], offsets: Sequence[int], eps: float = 1e-6) -> jax.Array:
+def offset_share_map(intermediates: dict[str, jax.Array], offsets: Sequence[int],
+                     eps: float = 1e-6) -> jax.Array:
     """(T, m) map of how much position t draws on each offset, averaged over the batch."""
-    share = offset_alignment(intermediates["z"], intermediates["w"], intermediates["valid"], offsets, eps)
+    share = offset_alignment(intermediates["z"], intermediates["w"], intermediates["valid"],
+                             offsets, eps)
     return share.reshape((-1,) + share.shape[-2:]).mean(0)

@@ -1,7 +1,7 @@
 """Flax NNX layers: thin wrappers that hold parameters and call grassjax.functional.
 
-Every mixer and Block takes an optional generation cache in __call__ and returns it (as Flax's NNX gemma does),
-so one forward pass serves training, statistics and streaming generation.
+Every mixer and Block takes an optional generation cache in __call__ and returns it (as Flax's
+NNX gemma does), so one forward pass serves training, statistics and streaming generation.
 Shapes: B = batch, T = time, C = d_model, H = heads, D = head size, r = rank.
 """
 
@@ -19,7 +19,8 @@ def compute_dtype(cfg: ModelConfig):
     return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
 
 
-def dense(cfg: ModelConfig, d_in: int, d_out: int, *, rngs: nnx.Rngs, use_bias: bool | None = None) -> nnx.Linear:
+def dense(cfg: ModelConfig, d_in: int, d_out: int, *, rngs: nnx.Rngs,
+          use_bias: bool | None = None) -> nnx.Linear:
     """Linear layer with the config's N(0, init_std) init and compute dtype."""
     return nnx.Linear(
         d_in, d_out,
@@ -41,15 +42,19 @@ def _kernel_and_bias(linear: nnx.Linear, dtype):
 
 
 class Mixer(nnx.Module):
-    """A time mixer. Subclasses give forward (whole sequence), init_cache, prefill and decode (streaming).
+    """A time mixer. Subclasses give forward (whole sequence), init_cache, prefill and decode
+    (streaming).
 
     __call__(x, cache=None) -> (y, cache, intermediates):
-      no cache:       x (B, T, C), the whole sequence; intermediates (for statistics) if asked, else None;
-      an empty cache  (init_cache(B, max_len)) and x (B, T, C): the prompt, returning the filled cache;
+      no cache:       x (B, T, C), the whole sequence; intermediates (for statistics) if asked,
+                      else None;
+      an empty cache  (init_cache(B, max_len)) and x (B, T, C): the prompt, returning the filled
+                      cache;
       a cache and     x (B, C): one position at cache["pos"], returning the cache advanced by one.
     """
 
-    def __call__(self, x: jax.Array, cache: dict | None = None, *, return_intermediates: bool = False):
+    def __call__(self, x: jax.Array, cache: dict | None = None, *,
+                 return_intermediates: bool = False):
         if cache is None:
             y, intermediates = self.forward(x, return_intermediates=return_intermediates)
             return y, None, intermediates
@@ -83,11 +88,13 @@ class CausalSelfAttention(Mixer):
     def _split_qkv(self, x):
         """(..., C) -> q, k, v, each (..., H, D): the same fused projection as __call__."""
         C = x.shape[-1]
-        qkv = self.qkv(x).reshape(*x.shape[:-1], 3, self.num_heads, C // self.num_heads)  # (..., 3, H, D)
+        # (..., 3, H, D)
+        qkv = self.qkv(x).reshape(*x.shape[:-1], 3, self.num_heads, C // self.num_heads)
         return qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
 
     def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
-        """Empty cache: k, v (B, max_len, H, D) and pos, the number of positions filled (int32 scalar)."""
+        """Empty cache: k, v (B, max_len, H, D) and pos, the number of positions filled (int32
+        scalar)."""
         H = self.num_heads
         D = self.qkv.out_features // (3 * H)
         dtype = dtype or self.qkv.dtype or jnp.float32
@@ -95,7 +102,8 @@ class CausalSelfAttention(Mixer):
         return {"k": zeros, "v": zeros, "pos": jnp.zeros((), jnp.int32)}
 
     def prefill(self, x: jax.Array, cache: dict):
-        """Causal attention over a whole prompt x (B, T, C) -> (y (B, T, C), the empty cache filled to T)."""
+        """Causal attention over a whole prompt x (B, T, C) -> (y (B, T, C), the empty cache
+        filled to T)."""
         B, T, C = x.shape
         max_len = cache["k"].shape[1]
         if T > max_len:
@@ -103,21 +111,25 @@ class CausalSelfAttention(Mixer):
         q, k, v = self._split_qkv(x)  # (B, T, H, D)
         y = F.scaled_dot_product_attention(q, k, v, causal=True)
         cache = {"k": cache["k"].at[:, :T].set(k.astype(cache["k"].dtype)),
-                 "v": cache["v"].at[:, :T].set(v.astype(cache["v"].dtype)), "pos": jnp.asarray(T, jnp.int32)}
+                 "v": cache["v"].at[:, :T].set(v.astype(cache["v"].dtype)),
+                 "pos": jnp.asarray(T, jnp.int32)}
         return self.out(y.reshape(B, T, C)), cache
 
     def decode(self, x_t: jax.Array, cache: dict):
-        """One position: x_t (B, C) at position cache["pos"] -> (y_t (B, C), cache with k_t, v_t added)."""
+        """One position: x_t (B, C) at position cache["pos"] -> (y_t (B, C), cache with k_t, v_t
+        added)."""
         q, k, v = self._split_qkv(x_t)  # (B, H, D)
         pos = cache["pos"]
-        write = lambda buf, new: jax.lax.dynamic_update_index_in_dim(buf, new.astype(buf.dtype), pos, axis=1)
+        write = lambda buf, new: jax.lax.dynamic_update_index_in_dim(buf, new.astype(buf.dtype),
+                                                                     pos, axis=1)
         k_cache, v_cache = write(cache["k"], k), write(cache["v"], v)  # (B, max_len, H, D)
         y = F.attention_step(q, k_cache, v_cache, pos)  # (B, H, D); the mask hides rows > pos
         return self.out(y.reshape(x_t.shape)), {"k": k_cache, "v": v_cache, "pos": pos + 1}
 
 
 class CausalGrassmannMixing(Mixer):
-    """Causal Grassmann mixing (reduce, Plücker, project, gate), then an optional d x d projection."""
+    """Causal Grassmann mixing (reduce, Plücker, project, gate), then an optional d x d
+    projection."""
 
     def __init__(self, cfg: ModelConfig, offsets: tuple[int, ...], *, rngs: nnx.Rngs):
         d, r = cfg.d_model, cfg.rank
@@ -125,12 +137,15 @@ class CausalGrassmannMixing(Mixer):
         self.eps = cfg.grassmann_eps
         self.dtype = compute_dtype(cfg)
         self.reduce = dense(cfg, d, r, rngs=rngs)  # W_red
-        self.plucker_proj = dense(cfg, F.num_plucker_coords(r), d, rngs=rngs)  # W_plu, shared by all offsets
+        # W_plu, shared by all offsets
+        self.plucker_proj = dense(cfg, F.num_plucker_coords(r), d, rngs=rngs)
         self.gate = dense(cfg, 2 * d, d, rngs=rngs)  # W_gate acting on [h; g]
         self.out = dense(cfg, d, d, rngs=rngs) if cfg.grassmann_out_proj else None
-        # Order-keeping variant: M_δ = I + A_δ, one per offset (A: (m, r, r)), or its scalar control
-        # M_δ = (1 + s_δ) I (s: (m,)); zeros at init, so training starts from the paper's layer.
-        shapes = {"per_offset": (len(self.offsets), r, r), "per_offset_scalar": (len(self.offsets),)}
+        # Order-keeping variant: M_δ = I + A_δ, one per offset (A: (m, r, r)), or its scalar
+        # control M_δ = (1 + s_δ) I (s: (m,)); zeros at init, so training starts from the
+        # paper's layer.
+        shapes = {"per_offset": (len(self.offsets), r, r),
+                  "per_offset_scalar": (len(self.offsets),)}
         mix_shape = shapes.get(cfg.grassmann_partner_mix)
         self.partner_mix = nnx.Param(jnp.zeros(mix_shape)) if mix_shape else None
         self.rank = r
@@ -145,38 +160,45 @@ class CausalGrassmannMixing(Mixer):
         return m.astype(self.dtype)
 
     def weights(self) -> F.GrassmannWeights:
-        """The mixing weights in the compute dtype (the optional output projection is applied separately)."""
+        """The mixing weights in the compute dtype (the optional output projection is applied
+        separately)."""
         w_red, b_red = _kernel_and_bias(self.reduce, self.dtype)
         w_plu, b_plu = _kernel_and_bias(self.plucker_proj, self.dtype)
         w_gate, b_gate = _kernel_and_bias(self.gate, self.dtype)
-        return F.GrassmannWeights(w_red, b_red, w_plu, b_plu, w_gate, b_gate, self.partner_mix_matrices())
+        return F.GrassmannWeights(w_red, b_red, w_plu, b_plu, w_gate, b_gate,
+                                  self.partner_mix_matrices())
 
     def _project(self, y):
         return y if self.out is None else self.out(y)
 
     def forward(self, x: jax.Array, *, return_intermediates: bool = False):
-        result = F.grassmann_mix(x.astype(self.dtype), self.weights(), offsets=self.offsets, eps=self.eps,
-                                 return_intermediates=return_intermediates)
+        result = F.grassmann_mix(x.astype(self.dtype), self.weights(), offsets=self.offsets,
+                                 eps=self.eps, return_intermediates=return_intermediates)
         y, intermediates = result if return_intermediates else (result, None)
         return self._project(y), intermediates
 
     # --- Streaming generation: only the last max(offsets) reduced states are kept. ---
 
     def init_cache(self, batch: int, max_len: int | None = None, dtype=None) -> dict:
-        """Empty state: z (B, max(offsets), r) and pos (int32 scalar). max_len is unused: the size is constant."""
-        z = F.init_grassmann_window((batch,), self.offsets, self.reduce.out_features, dtype or self.dtype)
+        """Empty state: z (B, max(offsets), r) and pos (int32 scalar). max_len is unused: the size
+        is constant."""
+        z = F.init_grassmann_window((batch,), self.offsets, self.reduce.out_features,
+                                    dtype or self.dtype)
         return {"z": z, "pos": jnp.zeros((), jnp.int32)}
 
     def prefill(self, x: jax.Array, cache: dict):
-        """Mix a whole prompt x (B, T, C) -> (y (B, T, C), state after position T-1); the empty cache is unused."""
-        y, intermediates = self.forward(x, return_intermediates=True)  # z comes out of the same computation
+        """Mix a whole prompt x (B, T, C) -> (y (B, T, C), state after position T-1); the empty
+        cache is unused."""
+        # z comes out of the same computation.
+        y, intermediates = self.forward(x, return_intermediates=True)
         z = F.grassmann_window_from_states(intermediates["z"], self.offsets)  # (B, M, r)
         return y, {"z": z, "pos": jnp.asarray(x.shape[-2], jnp.int32)}
 
     def decode(self, x_t: jax.Array, cache: dict):
-        """One position: x_t (B, C) at position cache["pos"] -> (y_t (B, C), state with z_t pushed)."""
-        y, z = F.grassmann_mix_step(x_t.astype(self.dtype), cache["z"], cache["pos"], self.weights(),
-                                    offsets=self.offsets, eps=self.eps)
+        """One position: x_t (B, C) at position cache["pos"] -> (y_t (B, C), state with z_t
+        pushed)."""
+        y, z = F.grassmann_mix_step(x_t.astype(self.dtype), cache["z"], cache["pos"],
+                                    self.weights(), offsets=self.offsets, eps=self.eps)
         return self._project(y), {"z": z, "pos": cache["pos"] + 1}
 
 
@@ -196,7 +218,8 @@ class SlidingWindowAttention(CausalSelfAttention):
     def forward(self, x: jax.Array, *, return_intermediates: bool = False):
         *lead, T, C = x.shape
         q, k, v = self._split_qkv(x)  # (B, T, H, D)
-        return self.out(F.sliding_window_attention(q, k, v, window=self.window).reshape(*lead, T, C)), None
+        return self.out(F.sliding_window_attention(q, k, v, window=self.window)
+                        .reshape(*lead, T, C)), None
 
     def init_cache(self, batch: int, max_len: int | None = None, dtype=None) -> dict:
         """Empty buffers k, v (B, window + 1, H, D) and pos (int32 scalar); max_len is unused."""
@@ -210,28 +233,33 @@ class SlidingWindowAttention(CausalSelfAttention):
         B, T, C = x.shape
         q, k, v = self._split_qkv(x)
         y = self.out(F.sliding_window_attention(q, k, v, window=self.window).reshape(B, T, C))
-        # The buffers hold positions T - window - 1 .. T - 1 before the next push: window + 1 rows ending at T - 1.
+        # The buffers hold positions T - window - 1 .. T - 1 before the next push: window + 1 rows
+        # ending at T - 1.
         k_win, v_win = F.kv_window_from_states(k, v, self.window)
         return y, {"k": k_win, "v": v_win, "pos": jnp.asarray(T, jnp.int32)}
 
     def decode(self, x_t: jax.Array, cache: dict):
         """x_t (B, C) at position cache["pos"] -> (y_t (B, C), buffers with k_t, v_t pushed)."""
         q, k, v = self._split_qkv(x_t)  # (B, H, D)
-        y, k_win, v_win = F.sliding_window_attention_step(q, k, v, cache["k"], cache["v"], cache["pos"])
+        y, k_win, v_win = F.sliding_window_attention_step(q, k, v, cache["k"], cache["v"],
+                                                          cache["pos"])
         return self.out(y.reshape(x_t.shape)), {"k": k_win, "v": v_win, "pos": cache["pos"] + 1}
 
 
 class CausalConvMixing(Mixer):
-    """Control mixer, attention-free: a causal depthwise convolution over time, then a d x d projection.
+    """Control mixer, attention-free: a causal depthwise convolution over time, then a d x d
+    projection.
 
-    kernel (K, C) with K = max(offsets) + 1, so position t reads t - max(offsets) .. t like a Grassmann
-    layer, but with fixed per-channel weights instead of content-dependent ones; the projection mixes
-    channels (as the Grassmann layer's output projection does). Streaming keeps the last K - 1 inputs.
+    kernel (K, C) with K = max(offsets) + 1, so position t reads t - max(offsets) .. t like a
+    Grassmann layer, but with fixed per-channel weights instead of content-dependent ones; the
+    projection mixes channels (as the Grassmann layer's output projection does). Streaming keeps
+    the last K - 1 inputs.
     """
 
     def __init__(self, cfg: ModelConfig, kernel_size: int, *, rngs: nnx.Rngs):
         self.dtype = compute_dtype(cfg)
-        self.kernel = nnx.Param(nnx.initializers.normal(cfg.init_std)(rngs.params(), (kernel_size, cfg.d_model)))
+        self.kernel = nnx.Param(nnx.initializers.normal(cfg.init_std)(rngs.params(),
+                                                                      (kernel_size, cfg.d_model)))
         self.bias = nnx.Param(jnp.zeros((cfg.d_model,))) if cfg.use_bias else None
         self.out = dense(cfg, cfg.d_model, cfg.d_model, rngs=rngs)
 
@@ -241,12 +269,14 @@ class CausalConvMixing(Mixer):
 
     def forward(self, x: jax.Array, *, return_intermediates: bool = False):
         kernel, bias = self._weights()
-        return self.out(F.causal_depthwise_conv(x.astype(self.dtype), kernel=kernel, bias=bias)), None
+        return self.out(F.causal_depthwise_conv(x.astype(self.dtype), kernel=kernel,
+                                                bias=bias)), None
 
     def init_cache(self, batch: int, max_len: int | None = None, dtype=None) -> dict:
         """Empty buffer x (B, K - 1, C) and pos (int32 scalar); max_len is unused."""
         K, C = self.kernel.shape
-        return {"x": F.init_conv_window((batch,), K, C, dtype or self.dtype), "pos": jnp.zeros((), jnp.int32)}
+        return {"x": F.init_conv_window((batch,), K, C, dtype or self.dtype),
+                "pos": jnp.zeros((), jnp.int32)}
 
     def prefill(self, x: jax.Array, cache: dict):
         """x (B, T, C) -> (y (B, T, C), buffer of the last K - 1 inputs)."""
@@ -270,11 +300,13 @@ class FeedForward(nnx.Module):
         self.dropout = nnx.Dropout(cfg.dropout)
 
     def __call__(self, x, *, deterministic: bool = True, rngs: nnx.Rngs | None = None):
-        return self.dropout(self.down(jax.nn.gelu(self.up(x))), deterministic=deterministic, rngs=rngs)
+        return self.dropout(self.down(jax.nn.gelu(self.up(x))), deterministic=deterministic,
+                            rngs=rngs)
 
 
 class Block(nnx.Module):
-    """One layer: a time mixer (attention, Grassmann or a local control) and a feed-forward, pre- or post-norm."""
+    """One layer: a time mixer (attention, Grassmann or a local control) and a feed-forward,
+    pre- or post-norm."""
 
     def __init__(self, cfg: ModelConfig, layer: int, *, rngs: nnx.Rngs):
         self.norm_placement = cfg.norm
@@ -283,7 +315,7 @@ class Block(nnx.Module):
         self.norm2 = layer_norm(cfg, rngs=rngs)
         if cfg.mixer == "attention":
             self.mixer = CausalSelfAttention(cfg, rngs=rngs)
-        elif cfg.mixer == "sliding_window":  # control: attention over the span a Grassmann layer reads
+        elif cfg.mixer == "sliding_window":  # control: attention over a Grassmann layer's span
             self.mixer = SlidingWindowAttention(cfg, max(cfg.layer_offsets(layer)), rngs=rngs)
         elif cfg.mixer == "conv":  # control: attention-free, fixed weights over the same span
             self.mixer = CausalConvMixing(cfg, max(cfg.layer_offsets(layer)) + 1, rngs=rngs)
@@ -292,11 +324,13 @@ class Block(nnx.Module):
         self.ffn = FeedForward(cfg, rngs=rngs)
         self.dropout = nnx.Dropout(cfg.dropout)
 
-    def __call__(self, x, cache: dict | None = None, *, deterministic: bool = True, rngs: nnx.Rngs | None = None,
-                 return_intermediates: bool = False):
-        """x (B, T, C) -> (out (B, T, C), the mixer's cache, its intermediates); see Mixer for the cache.
+    def __call__(self, x, cache: dict | None = None, *, deterministic: bool = True,
+                 rngs: nnx.Rngs | None = None, return_intermediates: bool = False):
+        """x (B, T, C) -> (out (B, T, C), the mixer's cache, its intermediates); see Mixer for
+        the cache.
 
-        Generation calls it with a cache and x (B, T, C) (the prompt) or (B, C) (one position); dropout is then off.
+        Generation calls it with a cache and x (B, T, C) (the prompt) or (B, C) (one position);
+        dropout is then off.
         """
         drop = lambda y: self.dropout(y, deterministic=deterministic, rngs=rngs)
         ffn = lambda y: self.ffn(y, deterministic=deterministic, rngs=rngs)
@@ -307,7 +341,8 @@ class Block(nnx.Module):
             return x + ffn(self.norm2(x)), cache, inter
         m, cache, inter = mix(x)
         if self.mixer_kind == "grassmann":
-            # Paper: ĥ = Dropout(LN(h̃)); out = LN(ĥ + FFN(ĥ)). The gate is the mixer's residual.
+            # Paper: ĥ = Dropout(LN(h̃)); out = LN(ĥ + FFN(ĥ)). The gate is the mixer's
+            # residual.
             h = drop(self.norm1(m))
         else:
             h = self.norm1(x + drop(m))

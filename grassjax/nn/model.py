@@ -1,4 +1,4 @@
-"""Language models: a bigram baseline and the N-block LM (attention or Grassmann mixer).
+"""Language models: a bigram baseline and the N-block LM (attention, Grassmann or a local control).
 
 Every model maps tokens (B, T) int32 to logits (B, T, V) float32 and takes the
 same keyword arguments, so one training loop serves them all.
@@ -22,13 +22,16 @@ class LanguageModel(nnx.Module):
         self.cfg = cfg
         embed_init = nnx.initializers.normal(cfg.init_std)
         dtype = compute_dtype(cfg)
-        self.tok_embed = nnx.Embed(cfg.vocab_size, cfg.d_model, embedding_init=embed_init, dtype=dtype, rngs=rngs)
-        self.pos_embed = nnx.Embed(cfg.block_size, cfg.d_model, embedding_init=embed_init, dtype=dtype, rngs=rngs)
+        self.tok_embed = nnx.Embed(cfg.vocab_size, cfg.d_model, embedding_init=embed_init,
+                                   dtype=dtype, rngs=rngs)
+        self.pos_embed = nnx.Embed(cfg.block_size, cfg.d_model, embedding_init=embed_init,
+                                   dtype=dtype, rngs=rngs)
         self.dropout = nnx.Dropout(cfg.dropout)
         self.blocks = nnx.List([Block(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
         self.final_norm = layer_norm(cfg, rngs=rngs)
         # Tied by default: the head reuses tok_embed (no bias), as in GPT-2 and the paper's counts.
-        self.head = None if cfg.tie_embeddings else dense(cfg, cfg.d_model, cfg.vocab_size, rngs=rngs, use_bias=False)
+        self.head = None if cfg.tie_embeddings else dense(cfg, cfg.d_model, cfg.vocab_size,
+                                                          rngs=rngs, use_bias=False)
 
     def __call__(self, tokens, *, deterministic: bool = True, rngs: nnx.Rngs | None = None,
                  return_intermediates: bool = False):
@@ -47,16 +50,17 @@ class LanguageModel(nnx.Module):
                rngs: nnx.Rngs | None = None, return_intermediates: bool = False):
         """Embeddings and blocks, before the final norm: (x, caches, intermediates).
 
-        Without caches: tokens (B, T), positions 0..T-1. With caches (generation, one per block, see
-        Block): tokens (B, T) is a prompt at positions 0..T-1 filling empty caches, tokens (B,) one token at
-        position caches[0]["pos"].
+        Without caches: tokens (B, T), positions 0..T-1. With caches (generation, one per block,
+        see Block): tokens (B, T) is a prompt at positions 0..T-1 filling empty caches, tokens (B,)
+        one token at position caches[0]["pos"].
         """
         if tokens.ndim == 1:  # one position, streaming
             positions = caches[0]["pos"]
         else:
             T = tokens.shape[1]
             if T > self.cfg.block_size:
-                raise ValueError(f"sequence length {T} exceeds model.block_size={self.cfg.block_size}")
+                raise ValueError(f"sequence length {T} exceeds "
+                                 f"model.block_size={self.cfg.block_size}")
             positions = jnp.arange(T)
         x = self.tok_embed(tokens) + self.pos_embed(positions)  # (B, T, C) or (B, C)
         x = self.dropout(x, deterministic=deterministic, rngs=rngs)
@@ -92,14 +96,17 @@ class BigramLanguageModel(nnx.Module):
 def build_model(cfg: ModelConfig, *, seed: int = 0):
     """The model named by cfg.kind, initialised from `seed`."""
     rngs = nnx.Rngs(params=seed)
-    return BigramLanguageModel(cfg, rngs=rngs) if cfg.kind == "bigram" else LanguageModel(cfg, rngs=rngs)
+    return (BigramLanguageModel(cfg, rngs=rngs) if cfg.kind == "bigram"
+            else LanguageModel(cfg, rngs=rngs))
 
 
 def param_counts(model: nnx.Module) -> dict[str, int]:
     """Exact parameter counts: total, and non-embedding (without token and position tables)."""
-    size = lambda module: sum(int(x.size) for x in jax.tree_util.tree_leaves(nnx.state(module, nnx.Param)))
+    size = lambda module: sum(int(x.size)
+                              for x in jax.tree_util.tree_leaves(nnx.state(module, nnx.Param)))
     total = size(model)  # works on nnx.eval_shape'd models too: only shapes are read
-    embedding = sum(size(getattr(model, name)) for name in ("tok_embed", "pos_embed", "table") if hasattr(model, name))
+    embedding = sum(size(getattr(model, name)) for name in ("tok_embed", "pos_embed", "table")
+                    if hasattr(model, name))
     return {"total": total, "non_embedding": total - embedding}
 
 
@@ -125,4 +132,5 @@ def analytic_param_count(cfg: ModelConfig) -> int:
 
     ffn_and_norms = linear(C, F_) + linear(F_, C) + 2 * 2 * C  # + two LayerNorms
     head = 0 if cfg.tie_embeddings else V * C
-    return V * C + cfg.block_size * C + sum(mixer(i) + ffn_and_norms for i in range(L)) + 2 * C + head
+    return (V * C + cfg.block_size * C + sum(mixer(i) + ffn_and_norms for i in range(L)) + 2 * C
+            + head)
