@@ -1,13 +1,16 @@
-"""What XLA reports about a compiled function (FLOPs, memory), for the training loop and the benchmarks.
+"""What XLA reports about a compiled function (FLOPs, memory), for the training loop and the
+benchmarks.
 
-Every helper returns None where the backend does not report it: a missing number is never mistaken for 0.
+Every helper returns None where the backend does not report it: a missing number is never mistaken
+for 0.
 """
 
 from __future__ import annotations
 
 
 def compiled_flops(compiled) -> float | None:
-    """XLA's own FLOP count for one call (`compiled.cost_analysis()['flops']`), None if unavailable."""
+    """XLA's own FLOP count for one call (`compiled.cost_analysis()['flops']`), None if
+    unavailable."""
     try:
         cost = compiled.cost_analysis()
     except Exception:  # noqa: BLE001 - some backends do not implement it
@@ -39,8 +42,8 @@ def compiled_memory(compiled) -> dict[str, int] | None:
 
 
 def compiled_memory_bytes(compiled) -> int | None:
-    """Memory one call needs by XLA's static buffer assignment: arguments + outputs + temporaries - aliased
-    (donated buffers are counted in both arguments and outputs); None if unavailable."""
+    """Memory one call needs by XLA's static buffer assignment: arguments + outputs + temporaries -
+    aliased (donated buffers are counted in both arguments and outputs); None if unavailable."""
     m = compiled_memory(compiled)
     if m is None:
         return None

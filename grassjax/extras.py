@@ -10,7 +10,8 @@ class MissingExtraError(RuntimeError):
 
 
 def require(module: str, *, extra: str, feature: str):
-    """`import module`, or MissingExtraError: "<feature> needs <module>, ...: pip install -e .[<extra>]"."""
+    """`import module`, or MissingExtraError:
+    "<feature> needs <module>, ...: pip install -e .[<extra>]"."""
     try:
         return importlib.import_module(module)
     except ImportError:

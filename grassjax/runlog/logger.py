@@ -1,8 +1,10 @@
-"""One object every run logs through: Weights & Biases, plus plain files in the workdir that exist without it.
+"""One object every run logs through: Weights & Biases, plus plain files in the workdir that exist
+without it.
 
-The files (metrics.jsonl, images/, tables.jsonl, histograms.jsonl, summary.json, wandb_run_id) and how a
-resumed run continues them: docs/dashboard.md. Every W&B row carries "step", the default x axis of every
-metric; `step_metrics` gives some keys another one (a time-matched run plots val/* against perf/elapsed_s).
+The files (metrics.jsonl, images/, tables.jsonl, histograms.jsonl, summary.json, wandb_run_id) and
+how a resumed run continues them: docs/dashboard.md. Every W&B row carries "step", the default x
+axis of every metric; `step_metrics` gives some keys another one (a time-matched run plots val/*
+against perf/elapsed_s).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import numpy as np
 from grassjax.runlog.records import dumps, json_safe, scalar
 from grassjax.runlog.wandb_mode import resolve_wandb_mode
 
-WANDB_INIT_TIMEOUT_S = 20.0  # how long an online wandb.init may wait for the server before we go offline
+# how long an online wandb.init may wait for the server before we go offline
+WANDB_INIT_TIMEOUT_S = 20.0
 DEFAULT_SUMMARY_MIN = ("val/loss", "val/bpc", "val/ppl")
 
 
@@ -29,7 +32,8 @@ def _file_stem(key: str) -> str:
 
 
 def _save_png(image: Any, path: pathlib.Path) -> None:
-    """A matplotlib Figure, or an array: (H, W) -> colormapped (uint8 as gray), (H, W, 3|4) -> RGB(A)."""
+    """A matplotlib Figure, or an array: (H, W) -> colormapped (uint8 as gray), (H, W, 3|4) ->
+    RGB(A)."""
     if hasattr(image, "savefig"):
         image.savefig(path, dpi=100)
         return
@@ -48,8 +52,8 @@ def _save_png(image: Any, path: pathlib.Path) -> None:
             array = np.clip(np.nan_to_num(array.astype(np.float32)), 0.0, 1.0)
         matplotlib.image.imsave(path, array)
     else:
-        raise ValueError(f"{path.name}: an image must be (H, W), (H, W, 1), (H, W, 3) or (H, W, 4), "
-                         f"got shape {array.shape}")
+        raise ValueError(f"{path.name}: an image must be (H, W), (H, W, 1), (H, W, 3) or "
+                         f"(H, W, 4), got shape {array.shape}")
 
 
 class RunLogger:
@@ -59,9 +63,11 @@ class RunLogger:
     code 0, 130 on KeyboardInterrupt and 1 on any other exception.
     """
 
-    def __init__(self, *, workdir, project: str, name: str, group: str | None, tags: Iterable[str], config: dict,
-                 mode: str | None = None, job_type: str | None = None, print_fn: Callable[[str], None] = print,
-                 summary_min: Sequence[str] = DEFAULT_SUMMARY_MIN, step_metrics: dict[str, str] | None = None):
+    def __init__(self, *, workdir, project: str, name: str, group: str | None, tags: Iterable[str],
+                 config: dict, mode: str | None = None, job_type: str | None = None,
+                 print_fn: Callable[[str], None] = print,
+                 summary_min: Sequence[str] = DEFAULT_SUMMARY_MIN,
+                 step_metrics: dict[str, str] | None = None):
         self.workdir = pathlib.Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.mode, self.mode_reason = resolve_wandb_mode(mode)
@@ -71,8 +77,9 @@ class RunLogger:
         self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
         if self.mode == "disabled":
             return
-        init = dict(project=project, name=name, group=group or None, tags=list(tags), config=dict(config),
-                    job_type=job_type, summary_min=tuple(summary_min), step_metrics=dict(step_metrics or {}))
+        init = dict(project=project, name=name, group=group or None, tags=list(tags),
+                    config=dict(config), job_type=job_type, summary_min=tuple(summary_min),
+                    step_metrics=dict(step_metrics or {}))
         try:
             self.run = self._init_wandb(self.mode, **init)
         except Exception as e:  # noqa: BLE001
@@ -80,8 +87,9 @@ class RunLogger:
                 self._jsonl.close()
                 raise
             # Online (asked for, or picked by auto) but W&B could not start the run within
-            # WANDB_INIT_TIMEOUT_S (no network, server down): keep training, offline. wandb-core still
-            # holds the failed run's id, so this offline run gets a fresh one (not saved in wandb_run_id).
+            # WANDB_INIT_TIMEOUT_S (no network, server down): keep training, offline. wandb-core
+            # still holds the failed run's id, so this offline run gets a fresh one (not saved in
+            # wandb_run_id).
             reason = f"{type(e).__name__}: {e}".split("\n")[0][:160]
             self.mode = "offline"
             self.mode_reason = f"online init failed within {WANDB_INIT_TIMEOUT_S:g}s: {reason}"
@@ -92,8 +100,8 @@ class RunLogger:
         else:
             print_fn(f"W&B online ({self.mode_reason}): {self.run.url}")
 
-    def _init_wandb(self, mode: str, *, project, name, group, tags, config, job_type, summary_min, step_metrics,
-                    fresh_id: bool = False):
+    def _init_wandb(self, mode: str, *, project, name, group, tags, config, job_type, summary_min,
+                    step_metrics, fresh_id: bool = False):
         import wandb
         from wandb.sdk.lib.runid import generate_id
 
@@ -108,34 +116,37 @@ class RunLogger:
         # credentials (resolve_wandb_mode). silent: our one status line replaces wandb's banner.
         settings = wandb.Settings(silent=True, console="off", x_disable_stats=True,
                                   init_timeout=WANDB_INIT_TIMEOUT_S)  # wandb's default waits 90 s
-        run = wandb.init(project=project, name=name, group=group, tags=tags, config=config, job_type=job_type,
-                         dir=str(self.workdir), mode=mode, id=run_id, resume="allow", reinit="create_new",
-                         settings=settings)
+        run = wandb.init(project=project, name=name, group=group, tags=tags, config=config,
+                         job_type=job_type, dir=str(self.workdir), mode=mode, id=run_id,
+                         resume="allow", reinit="create_new", settings=settings)
         run.define_metric("step")
         run.define_metric("*", step_metric="step")
-        for pattern, axis in step_metrics.items():  # {"val/*": "perf/elapsed_s"}: that axis must be in the rows
+        # {"val/*": "perf/elapsed_s"}: that axis must be in the rows
+        for pattern, axis in step_metrics.items():
             run.define_metric(pattern, step_metric=axis)
         for key in summary_min:
             axis = next((a for p, a in step_metrics.items() if fnmatch.fnmatchcase(key, p)), "step")
             run.define_metric(key, step_metric=axis, summary="min,last")
         return run
 
-    # ----------------------------------------------------------------------------------------- properties
+    # ----------------------------------------------------------------------------------- properties
     @property
     def run_dir(self) -> pathlib.Path | None:
-        """W&B's folder for this run (wandb/offline-run-... or wandb/run-...), None when disabled."""
+        """W&B's folder for this run (wandb/offline-run-... or wandb/run-...), None when
+        disabled."""
         return pathlib.Path(self.run.settings.sync_dir) if self.run is not None else None
 
     @property
     def run_file(self) -> pathlib.Path | None:
-        """The run's transaction log (run-<id>.wandb; see grassjax.runlog.offline), None when disabled."""
+        """The run's transaction log (run-<id>.wandb; see grassjax.runlog.offline), None when
+        disabled."""
         return pathlib.Path(self.run.settings.sync_file) if self.run is not None else None
 
     @property
     def run_id(self) -> str | None:
         return self.run.id if self.run is not None else None
 
-    # --------------------------------------------------------------------------------------------- logging
+    # -------------------------------------------------------------------------------------- logging
     def _check_open(self) -> None:
         if self._finished:
             raise RuntimeError("RunLogger.finish() was already called")
@@ -145,10 +156,12 @@ class RunLogger:
             f.write(dumps(record) + "\n")
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
-        """Scalars (Python, NumPy or JAX) at a step: one W&B history row and one metrics.jsonl line."""
+        """Scalars (Python, NumPy or JAX) at a step: one W&B history row and one metrics.jsonl
+        line."""
         self._check_open()
         if "step" in metrics:
-            raise ValueError("'step' is the step axis; pass it as the step argument, not as a metric")
+            raise ValueError("'step' is the step axis; pass it as the step argument, not as a "
+                             "metric")
         step = int(step)
         values = {str(k): scalar(str(k), v) for k, v in metrics.items()}
         self._jsonl.write(dumps({"step": step, **values}) + "\n")
@@ -156,7 +169,8 @@ class RunLogger:
         if self.run is not None:
             self.run.log({"step": step, **values})
 
-    def log_images(self, images: dict[str, Any], step: int, caption: str | dict[str, str] | None = None) -> None:
+    def log_images(self, images: dict[str, Any], step: int,
+                   caption: str | dict[str, str] | None = None) -> None:
         """Figures or arrays (see _save_png) as W&B images, with PNG copies in <workdir>/images/.
 
         caption: one caption for all images, or {key: caption}.
@@ -182,7 +196,8 @@ class RunLogger:
         self._check_open()
         step = int(step)
         rows = [[c.item() if isinstance(c, np.generic) else c for c in row] for row in rows]
-        self._append("tables.jsonl", {"step": step, "table": key, "columns": list(columns), "rows": rows})
+        self._append("tables.jsonl", {"step": step, "table": key, "columns": list(columns),
+                                      "rows": rows})
         if self.run is not None:
             import wandb
 
@@ -190,15 +205,16 @@ class RunLogger:
 
     def log_histograms(self, histograms: dict[str, tuple[np.ndarray, int]], step: int,
                        value_range: tuple[float, float] = (0.0, 1.0)) -> None:
-        """Pre-binned histograms {key: (counts, bins)} over value_range; copies in <workdir>/histograms.jsonl."""
+        """Pre-binned histograms {key: (counts, bins)} over value_range; copies in
+        <workdir>/histograms.jsonl."""
         self._check_open()
         step = int(step)
         row: dict[str, Any] = {}
         for key, (counts, bins) in histograms.items():
             counts = np.asarray(counts)
             edges = np.linspace(*value_range, int(bins) + 1)
-            self._append("histograms.jsonl", {"step": step, "histogram": key, "counts": counts.tolist(),
-                                              "edges": edges.tolist()})
+            self._append("histograms.jsonl", {"step": step, "histogram": key,
+                                              "counts": counts.tolist(), "edges": edges.tolist()})
             if self.run is not None:
                 import wandb
 
@@ -209,7 +225,8 @@ class RunLogger:
     def set_summary(self, values: dict[str, Any]) -> None:
         """Run summary values (W&B summary, and merged into <workdir>/summary.json)."""
         self._check_open()
-        values = {str(k): (v if isinstance(v, (dict, list)) else scalar(str(k), v)) for k, v in values.items()}
+        values = {str(k): (v if isinstance(v, (dict, list)) else scalar(str(k), v))
+                  for k, v in values.items()}
         path = self.workdir / "summary.json"
         summary = json.loads(path.read_text()) if path.exists() else {}
         summary.update(json_safe(values))
@@ -217,7 +234,7 @@ class RunLogger:
         if self.run is not None:
             self.run.summary.update(values)
 
-    # ----------------------------------------------------------------------------------------------- end
+    # ------------------------------------------------------------------------------------------ end
     def finish(self, exit_code: int = 0, wait_s: float = 60.0) -> None:
         """Close the files and finish the W&B run. Safe to call twice.
 
@@ -239,7 +256,8 @@ class RunLogger:
         deadline = time.monotonic() + wait_s
         while not run_file_complete(run_file):
             if time.monotonic() > deadline:
-                self._print(f"W&B: {run_file} was still incomplete {wait_s:.0f}s after finishing the run")
+                self._print(f"W&B: {run_file} was still incomplete {wait_s:.0f}s after finishing "
+                            f"the run")
                 return
             time.sleep(0.02)
 
@@ -247,8 +265,9 @@ class RunLogger:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
-        """Finish with exit code 0; for a KeyboardInterrupt its exit_code (a stop on request: 128 + signal) or
-        130; for any other exception 1. After an exception, a failure to finish (a full disk) is not raised."""
+        """Finish with exit code 0; for a KeyboardInterrupt its exit_code (a stop on request: 128 +
+        signal) or 130; for any other exception 1. After an exception, a failure to finish (a full
+        disk) is not raised."""
         if exc_type is None:
             self.finish()
             return False

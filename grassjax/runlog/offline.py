@@ -2,28 +2,7 @@
 
 wandb no longer ships a Python reader for its transaction log, so this is a
 small one; the tests use it to prove that logged metrics really reached W&B.
-
-File layout, as written by wandb-core (checked against wandb 0.31):
-
-* a 7-byte file header: the ident ``b":W&B"``, a little-endian uint16 magic
-  0xBEE1 (bytes ``e1 be``) and a uint8 version 0;
-* then the LevelDB log format, with 32 KiB blocks counted from the start of
-  the file (so the first block holds 32768 - 7 bytes of records). Each
-  physical record has a 7-byte header: CRC (uint32 LE), length (uint16 LE),
-  type (FULL=1, FIRST=2, MIDDLE=3, LAST=4), then ``length`` bytes of data.
-  A logical record is one FULL or a FIRST, MIDDLEs, LAST sequence. A block
-  tail shorter than 7 bytes is zero padding. Unlike LevelDB, the CRC is the
-  plain zlib CRC-32 (not CRC-32C, not masked) of the type byte followed by the
-  data, so it is verified here with the standard library.
-* every logical record is a serialized ``wandb.proto.wandb_internal_pb2.Record``.
-
-History and summary items carry a key path (``nested_key``, or the legacy
-single ``key``) and a JSON value. By default a path is joined with "/", so a
-logged "train/loss" reads back as "train/loss" and the fields of a logged
-image "img" as "img/_type", "img/path", ... Pass ``nested=True`` to get
-nested dicts instead (``row["img"]["_type"] == "image-file"``), which keeps
-a path like ["a/b"] apart from ["a", "b"]. JSON values follow wandb's
-spelling of non-finite floats (NaN, Infinity), which ``json.loads`` accepts.
+The file layout: iter_raw_records; how keys and values read back: read_history.
 """
 
 from __future__ import annotations
@@ -54,13 +33,28 @@ def iter_raw_records(path, *, verify_crc: bool = True) -> Iterator[bytes]:
     A record cut off at the end of the file (a run killed while writing) ends
     the iteration quietly; a bad header, bad CRC or broken FIRST/MIDDLE/LAST
     sequence raises RunFileError.
+
+    File layout, as written by wandb-core (checked against wandb 0.31):
+
+    * a 7-byte file header: the ident ``b":W&B"``, a little-endian uint16 magic
+      0xBEE1 (bytes ``e1 be``) and a uint8 version 0;
+    * then the LevelDB log format, with 32 KiB blocks counted from the start of
+      the file (so the first block holds 32768 - 7 bytes of records). Each
+      physical record has a 7-byte header: CRC (uint32 LE), length (uint16 LE),
+      type (FULL=1, FIRST=2, MIDDLE=3, LAST=4), then ``length`` bytes of data.
+      A logical record is one FULL or a FIRST, MIDDLEs, LAST sequence. A block
+      tail shorter than 7 bytes is zero padding. Unlike LevelDB, the CRC is the
+      plain zlib CRC-32 (not CRC-32C, not masked) of the type byte followed by
+      the data, so it is verified here with the standard library.
+    * every logical record is a serialized ``wandb.proto.wandb_internal_pb2.Record``.
     """
     data = pathlib.Path(path).read_bytes()
     if len(data) < FILE_HEADER.size:
         raise RunFileError(f"{path}: too short to be a W&B run file ({len(data)} bytes)")
     ident, magic, version = FILE_HEADER.unpack_from(data, 0)
     if ident != FILE_IDENT or magic != FILE_MAGIC or version != FILE_VERSION:
-        raise RunFileError(f"{path}: not a W&B run file (header {data[:FILE_HEADER.size].hex()}, expected "
+        raise RunFileError(f"{path}: not a W&B run file "
+                           f"(header {data[:FILE_HEADER.size].hex()}, expected "
                            f"{FILE_HEADER.pack(FILE_IDENT, FILE_MAGIC, FILE_VERSION).hex()})")
     offset = FILE_HEADER.size
     pending: bytearray | None = None
@@ -73,7 +67,8 @@ def iter_raw_records(path, *, verify_crc: bool = True) -> Iterator[bytes]:
             return  # truncated header at the end of the file
         crc, length, kind = RECORD_HEADER.unpack_from(data, offset)
         start = offset + RECORD_HEADER.size
-        if kind == 0 and length == 0:  # preallocated / zeroed space: skip the rest of the block
+        # preallocated / zeroed space: skip the rest of the block
+        if kind == 0 and length == 0:
             offset += left_in_block
             continue
         if start + length > len(data):
@@ -86,16 +81,18 @@ def iter_raw_records(path, *, verify_crc: bool = True) -> Iterator[bytes]:
         offset = start + length
         if kind == FULL:
             if pending is not None:
-                raise RunFileError(f"{path}: FULL record at offset {offset} inside a fragmented record")
+                raise RunFileError(f"{path}: FULL record at offset {offset} inside a fragmented "
+                                   f"record")
             yield bytes(payload)
         elif kind == FIRST:
             if pending is not None:
-                raise RunFileError(f"{path}: FIRST record at offset {offset} inside a fragmented record")
+                raise RunFileError(f"{path}: FIRST record at offset {offset} inside a "
+                                   f"fragmented record")
             pending = bytearray(payload)
         elif kind in (MIDDLE, LAST):
             if pending is None:
-                raise RunFileError(f"{path}: {'MIDDLE' if kind == MIDDLE else 'LAST'} record at offset {offset} "
-                                   "without a FIRST")
+                raise RunFileError(f"{path}: {'MIDDLE' if kind == MIDDLE else 'LAST'} record at "
+                                   f"offset {offset} without a FIRST")
             pending += payload
             if kind == LAST:
                 yield bytes(pending)
@@ -115,7 +112,8 @@ def iter_records(path, *, verify_crc: bool = True):
 
 
 def run_file_complete(path) -> bool:
-    """Whether wandb-core has finished writing a run file: its last record is the run's exit record.
+    """Whether wandb-core has finished writing a run file: its last record is the run's exit
+    record.
 
     wandb's ``run.finish()`` returns before wandb-core has flushed and closed
     the file (that happens asynchronously, in the service process), so a
@@ -155,7 +153,8 @@ def find_run_file(workdir_or_run_dir) -> pathlib.Path:
         raise FileNotFoundError(f"no W&B run file (run-*.wandb) under {root}")
 
     def age(p: pathlib.Path):
-        # offline-run-20260101_120000-<id> / run-20260101_120000-<id>: the timestamp sorts lexically.
+        # offline-run-20260101_120000-<id> / run-20260101_120000-<id>: the timestamp sorts
+        # lexically.
         match = re.match(r"(?:offline-)?run-(\d{8}_\d{6})-", p.parent.name)
         return (match.group(1) if match else ""), p.stat().st_mtime
 
@@ -201,9 +200,18 @@ def _drop(target: dict, path: list[str], nested: bool) -> None:
 
 
 def read_history(path_or_run_dir, *, nested: bool = False) -> list[dict]:
-    """One dict per history record (one per ``run.log`` commit), keys as logged, values parsed from JSON.
+    """One dict per history record (one per ``run.log`` commit), keys as logged, values parsed
+    from JSON.
 
     Includes wandb's own ``_step``, ``_runtime`` and ``_timestamp``.
+
+    History and summary items carry a key path (``nested_key``, or the legacy
+    single ``key``) and a JSON value. By default a path is joined with "/", so a
+    logged "train/loss" reads back as "train/loss" and the fields of a logged
+    image "img" as "img/_type", "img/path", ... Pass ``nested=True`` to get
+    nested dicts instead (``row["img"]["_type"] == "image-file"``), which keeps
+    a path like ["a/b"] apart from ["a", "b"]. JSON values follow wandb's
+    spelling of non-finite floats (NaN, Infinity), which ``json.loads`` accepts.
     """
     rows = []
     for record in iter_records(find_run_file(path_or_run_dir)):
@@ -221,6 +229,7 @@ def read_summary(path_or_run_dir, *, nested: bool = False) -> dict:
     wandb writes partial updates (not snapshots), so the last record alone is
     not the summary. With define_metric(summary="min,last") a value is a dict
     such as {"min": 1.2, "last": 1.3}. Empty if the file holds no summary.
+    Keys and ``nested`` as in read_history.
     """
     summary: dict[str, Any] = {}
     for record in iter_records(find_run_file(path_or_run_dir)):
@@ -253,8 +262,9 @@ def read_run_info(path_or_run_dir) -> dict:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             run = record.run
-            info.update(id=run.run_id, project=run.project, entity=run.entity, name=run.display_name,
-                        group=run.run_group, job_type=run.job_type, tags=list(run.tags), resumed=run.resumed)
+            info.update(id=run.run_id, project=run.project, entity=run.entity,
+                        name=run.display_name, group=run.run_group, job_type=run.job_type,
+                        tags=list(run.tags), resumed=run.resumed)
             add_config(run.config.update)
         elif kind == "config":
             add_config(record.config.update)

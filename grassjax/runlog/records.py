@@ -1,4 +1,5 @@
-"""The plain files a run writes beside W&B: one strict-JSON encoder, and metrics.jsonl read back and rewound."""
+"""The plain files a run writes beside W&B: one strict-JSON encoder, and metrics.jsonl read back
+and rewound."""
 
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ def scalar(key: str, value: Any) -> bool | int | float | str:
 
 
 def json_safe(value: Any) -> Any:
-    """Strict-JSON value: non-finite floats as "NaN"/"Infinity"/"-Infinity", NumPy scalars as Python."""
+    """Strict-JSON value: non-finite floats as "NaN"/"Infinity"/"-Infinity", NumPy scalars as
+    Python."""
     if isinstance(value, float):
         if math.isfinite(value):
             return value
@@ -56,8 +58,10 @@ def dumps(record: dict) -> str:
 
 
 def write_json(path, value: Any, indent: int = 1) -> None:
-    """`value` as strict JSON (json_safe: non-finite floats as "NaN"/"Infinity" strings) at `path`."""
-    pathlib.Path(path).write_text(json.dumps(json_safe(value), indent=indent, allow_nan=False) + "\n")
+    """`value` as strict JSON (json_safe: non-finite floats as "NaN"/"Infinity" strings) at
+    `path`."""
+    pathlib.Path(path).write_text(json.dumps(json_safe(value), indent=indent, allow_nan=False)
+                                  + "\n")
 
 
 def read_metrics_jsonl(path) -> list[dict]:
@@ -78,12 +82,14 @@ def read_metrics_jsonl(path) -> list[dict]:
             raise
         if "histogram" in record:
             continue
-        records.append({k: _NON_FINITE.get(v, v) if isinstance(v, str) else v for k, v in record.items()})
+        records.append({k: _NON_FINITE.get(v, v) if isinstance(v, str) else v
+                        for k, v in record.items()})
     return records
 
 
 def rewind_metrics(path: pathlib.Path, step: int) -> list[dict]:
-    """Drop records logged after `step` from metrics.jsonl (a resumed run re-logs them); return the rest.
+    """Drop records logged after `step` from metrics.jsonl (a resumed run re-logs them); return the
+    rest.
 
     Records of one step are merged, so an eval's loss and statistics come back as one dict.
     """

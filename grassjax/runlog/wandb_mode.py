@@ -1,7 +1,7 @@
 """Which W&B mode a run gets: online only with credentials and a reachable server, else offline.
 
-Nothing here ever waits at a login prompt: "auto" picks offline when no credentials exist, and "online"
-without them is one clear error.
+Nothing here ever waits at a login prompt: "auto" picks offline when no credentials exist, and
+"online" without them is one clear error.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ class WandbCredentialsError(RuntimeError):
 
 
 def wandb_credentials_source() -> str | None:
-    """Where W&B credentials come from (WANDB_API_KEY, WANDB_IDENTITY_TOKEN_FILE, a netrc file), or None.
+    """Where W&B credentials come from (WANDB_API_KEY, WANDB_IDENTITY_TOKEN_FILE, a netrc file), or
+    None.
 
     The netrc entry must be for the host of WANDB_BASE_URL (api.wandb.ai by
     default); the netrc file is $NETRC, else ~/.netrc.
@@ -49,11 +50,12 @@ def wandb_host_reachable(url: str | None = None, timeout: float = 3.0) -> bool:
 
     Assumed true behind an HTTP(S) proxy, which this check cannot see through.
     """
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
-                                       "all_proxy")):
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy",
+                                       "ALL_PROXY", "all_proxy")):
         return True
     parsed = urlparse(url or _base_url())
-    address = (parsed.hostname or "api.wandb.ai", parsed.port or (80 if parsed.scheme == "http" else 443))
+    address = (parsed.hostname or "api.wandb.ai",
+               parsed.port or (80 if parsed.scheme == "http" else 443))
     result = []
 
     def connect():
@@ -92,10 +94,11 @@ def resolve_wandb_mode(requested: str | None) -> tuple[str, str]:
             if source is None:
                 return "offline", "no credentials found"
             if not wandb_host_reachable():
-                return "offline", f"credentials found but {urlparse(_base_url()).hostname} is unreachable"
+                return "offline", (f"credentials found but {urlparse(_base_url()).hostname} is "
+                                   f"unreachable")
             return "online", f"credentials from {source}"
     if mode == "online" and wandb_credentials_source() is None:
         raise WandbCredentialsError(
-            f"W&B online mode ({reason}) needs credentials: set WANDB_API_KEY or run `wandb login`, "
-            "or use offline mode and `wandb sync` later")
+            f"W&B online mode ({reason}) needs credentials: set WANDB_API_KEY or run "
+            "`wandb login`, or use offline mode and `wandb sync` later")
     return mode, reason

@@ -1,4 +1,5 @@
-"""Head-to-head runs: several model arms x several seeds through the one training loop, then a report.
+"""Head-to-head runs: several model arms x several seeds through the one training loop, then a
+report.
 
 Every arm shares the config's data, train, stats and wandb sections (same
 budget, same data stream and seeds); an arm changes only the model fields
@@ -28,17 +29,19 @@ from grassjax.studies.report import budget_note, finite_mean, log_report, mean_s
 from grassjax.train.loop import TrainResult, train
 
 
-# An arm whose last sampled val loss ends this far above its best (nats, mean over seeds) has overfitted: the report
-# says so, because the final model's whole-split loss then measures the overfitting as well as the architecture.
+# An arm whose last sampled val loss ends this far above its best (nats, mean over seeds) has
+# overfitted: the report says so, because the final model's whole-split loss then measures the
+# overfitting as well as the architecture.
 OVERFIT_NATS = 0.05
 
 
-def summarise(results: dict[str, list[TrainResult]], evals: dict[str, list[dict]]) -> list[dict]:
+def summarise(results: dict[str, list[TrainResult]],
+              evals: dict[str, list[dict]]) -> list[dict]:
     """One row per arm: means (and std over seeds) of the headline numbers.
 
     The final numbers (val_loss, bpc) are from the evaluation over the whole validation split
-    (grassjax.inference.evaluate_run); best_val_loss is the sampled-window estimate the curves use, best_step
-    where it was reached, and overfit how far the last sampled estimate ended above it.
+    (grassjax.inference.evaluate_run); best_val_loss is the sampled-window estimate the curves use,
+    best_step where it was reached, and overfit how far the last sampled estimate ended above it.
     """
     rows = []
     for arm, runs in results.items():
@@ -46,93 +49,112 @@ def summarise(results: dict[str, list[TrainResult]], evals: dict[str, list[dict]
         evals_of = [[h for h in r.history if "val/loss" in h] for r in runs]
         best_step = overfit = math.nan
         if all(evals_of):
-            bests = [min(h, key=lambda e: e["val/loss"]) for h in evals_of]  # each run's best evaluation
+            # each run's best evaluation
+            bests = [min(h, key=lambda e: e["val/loss"]) for h in evals_of]
             best_step = float(np.mean([b["step"] for b in bests]))
-            overfit = float(np.mean([h[-1]["val/loss"] - b["val/loss"] for h, b in zip(evals_of, bests)]))
+            overfit = float(np.mean([h[-1]["val/loss"] - b["val/loss"]
+                                     for h, b in zip(evals_of, bests)]))
         full_mean, full_std = mean_std([e["loss"] for e in evals[arm]])
         rows.append(dict(
             arm=arm, seeds=len(runs), params=runs[0].params["total"],
             val_loss=full_mean, val_loss_std=full_std, val_tokens=evals[arm][0]["tokens_scored"],
-            best_val_loss=loss_mean, best_val_loss_std=loss_std, best_step=best_step, overfit=overfit,
-            bpc=full_mean / math.log(2), bpc_std=full_std / math.log(2),
-            tokens_per_s=finite_mean([r.tokens_per_s for r in runs]),  # a run resumed at its end timed no step
+            best_val_loss=loss_mean, best_val_loss_std=loss_std, best_step=best_step,
+            overfit=overfit, bpc=full_mean / math.log(2), bpc_std=full_std / math.log(2),
+            # a run resumed at its end timed no step
+            tokens_per_s=finite_mean([r.tokens_per_s for r in runs]),
             step_time_ms=finite_mean([r.step_time_ms for r in runs]),
-            step_memory_mb=scaled(runs[0].step_memory_bytes, 2**20),  # nan where XLA gives no number
+            # nan where XLA gives no number
+            step_memory_mb=scaled(runs[0].step_memory_bytes, 2**20),
             gflops_per_step=scaled(runs[0].step_flops, 1e9),
             wall_time_s=float(np.mean([r.wall_time_s for r in runs])),
             steps=float(np.mean([r.final_step for r in runs])),
             tokens=float(np.mean([r.final_step * r.tokens_per_step for r in runs])),
-            train_time_s=float(np.mean([r.train_time_s for r in runs])),  # perf/elapsed_s at the end
+            # perf/elapsed_s at the end
+            train_time_s=float(np.mean([r.train_time_s for r in runs])),
         ))
     return rows
 
 
 def add_gaps(rows: list[dict], baseline: str) -> list[dict]:
-    """Each row plus its gap to the `baseline` arm in the headline val loss (whole split): delta_loss
-    (nats/token, positive = worse), the perplexity ratio e^delta_loss, and gap_pct (relative difference)."""
+    """Each row plus its gap to the `baseline` arm in the headline val loss (whole split):
+    delta_loss (nats/token, positive = worse), the perplexity ratio e^delta_loss, and gap_pct
+    (relative difference)."""
     base = next(r for r in rows if r["arm"] == baseline)["val_loss"]
     return [dict(r, delta_loss=r["val_loss"] - base, ppl_ratio=math.exp(r["val_loss"] - base),
                  gap_pct=100 * (r["val_loss"] / base - 1)) for r in rows]
 
 
-def report_markdown(rows: list[dict], samples: dict[str, str], *, exp_name: str, steps: int, baseline: str,
-                    ngram_rows: Sequence[dict] = (), waterfall_steps: Sequence[dict] = (),
-                    waterfall_reference: str = "", budget: str = "") -> str:
+def report_markdown(rows: list[dict], samples: dict[str, str], *, exp_name: str, steps: int,
+                    baseline: str, ngram_rows: Sequence[dict] = (),
+                    waterfall_steps: Sequence[dict] = (), waterfall_reference: str = "",
+                    budget: str = "") -> str:
     """The report: one table row per arm, then one per n-gram reference model (no training columns),
-    then the waterfall when one was computed. `budget` says how the arms were matched (default: `steps`
-    steps per run)."""
+    then the waterfall when one was computed. `budget` says how the arms were matched (default:
+    `steps` steps per run)."""
     base = next(r for r in rows if r["arm"] == baseline)
     rows = add_gaps(rows, baseline)
     lines = [f"# {exp_name}: {', '.join(r['arm'] for r in rows)}", "",
-             f"{budget or f'{steps} steps per run'}; mean ± std over seeds. Val loss and bits/char: the final model over the "
-             f"whole validation split ({base['val_tokens']:,} tokens, non-overlapping windows; "
-             "`launch.py --mode=evaluate`); best (sampled) is the best of the evaluations on sampled windows "
-             f"during training, as in the curves. Gaps are in val loss to `{baseline}` (positive = worse than it): "
+             f"{budget or f'{steps} steps per run'}; mean ± std over seeds. Val loss and "
+             f"bits/char: the final model over the whole validation split "
+             f"({base['val_tokens']:,} tokens, non-overlapping windows; "
+             "`launch.py --mode=evaluate`); best (sampled) is the best of the evaluations on "
+             f"sampled windows during training, as in the curves. Gaps are in val loss to "
+             f"`{baseline}` (positive = worse than it): "
              "Δ loss in nats/token, the perplexity ratio e^Δ, and the relative difference.", "",
-             "| arm | params | val loss (whole split) | Δ loss | ppl ratio | gap | bits/char | best val loss (sampled) "
-             "| tokens/s | step (ms) | step memory (MiB) | GFLOP/step | steps | train (s) | wall (s) | seeds |",
+             "| arm | params | val loss (whole split) | Δ loss | ppl ratio | gap | bits/char "
+             "| best val loss (sampled) | tokens/s | step (ms) | step memory (MiB) | GFLOP/step "
+             "| steps | train (s) | wall (s) | seeds |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['arm']} | {r['params']:,} | {r['val_loss']:.4f} ± {r['val_loss_std']:.4f} | "
-            f"{r['delta_loss']:+.4f} | {r['ppl_ratio']:.3f} | {r['gap_pct']:+.2f}% | {r['bpc']:.3f} ± {r['bpc_std']:.3f} | "
-            f"{r['best_val_loss']:.4f} ± {r['best_val_loss_std']:.4f} | {r['tokens_per_s']:,.0f} | "
+            f"{r['delta_loss']:+.4f} | {r['ppl_ratio']:.3f} | {r['gap_pct']:+.2f}% | "
+            f"{r['bpc']:.3f} ± {r['bpc_std']:.3f} | "
+            f"{r['best_val_loss']:.4f} ± {r['best_val_loss_std']:.4f} | "
+            f"{r['tokens_per_s']:,.0f} | "
             f"{r['step_time_ms']:.1f} | {r['step_memory_mb']:.1f} | {r['gflops_per_step']:.2f} | "
             f"{r['steps']:.0f} | {r['train_time_s']:.1f} | {r['wall_time_s']:.0f} | {r['seeds']} |")
     for r in ngram_rows:  # count-based references: same split, no parameters trained
         delta = r["val_loss"] - base["val_loss"]
         gap = 100 * (r["val_loss"] / base["val_loss"] - 1)
-        lines.append(f"| {r['name']} | — | {r['val_loss']:.4f} | {delta:+.4f} | {math.exp(delta):.3f} | {gap:+.2f}% | "
-                     f"{r['val_bpc']:.3f} | — | — | — | — | — | — | — | {r['fit_s'] + r['score_s']:.1f} | — |")
+        lines.append(f"| {r['name']} | — | {r['val_loss']:.4f} | {delta:+.4f} | "
+                     f"{math.exp(delta):.3f} | {gap:+.2f}% | "
+                     f"{r['val_bpc']:.3f} | — | — | — | — | — | — | — | "
+                     f"{r['fit_s'] + r['score_s']:.1f} | — |")
     overfitted = [r for r in rows if r.get("overfit", 0.0) > OVERFIT_NATS]
     if overfitted:
-        each = ", ".join(f"`{r['arm']}` {r['overfit']:.3f} nats above its best (reached at step {r['best_step']:,.0f})"
+        each = ", ".join(f"`{r['arm']}` {r['overfit']:.3f} nats above its best "
+                         f"(reached at step {r['best_step']:,.0f})"
                          for r in sorted(overfitted, key=lambda r: -r["overfit"]))
-        lines += ["", f"**Overfitting.** The last sampled val loss ends {each}, mean over seeds. The whole-split "
-                  "columns are the final models', so they measure how much each arm overfits as well as the "
-                  "architecture: compare the best (sampled) column, or rerun with --config.train.steps near the best "
-                  "step."]
+        lines += ["", f"**Overfitting.** The last sampled val loss ends {each}, mean over seeds. "
+                  "The whole-split columns are the final models', so they measure how much each "
+                  "arm overfits as well as the architecture: compare the best (sampled) column, "
+                  "or rerun with --config.train.steps near the best step."]
     if ngram_rows:
-        lines += ["", "n-gram rows: interpolated Kneser–Ney fitted on the training split and scored on every "
-                  "validation token with up to its context length before it (grassjax.baselines); drawn as dashed "
-                  "lines on the val-loss plot."]
+        lines += ["", "n-gram rows: interpolated Kneser–Ney fitted on the training split and "
+                  "scored on every validation token with up to its context length before it "
+                  "(grassjax.baselines); drawn as dashed lines on the val-loss plot."]
     lines += ["", "Step memory and GFLOP/step are XLA's own analysis of the compiled train step; "
-              "tokens/s and step time are medians over logging windows, compilation excluded; train (s) is "
-              "perf/elapsed_s at the end (the steps and their batches: no compilation, logging, evaluation or "
-              "checkpoints), wall (s) the run's whole loop.", ""]
+              "tokens/s and step time are medians over logging windows, compilation excluded; "
+              "train (s) is perf/elapsed_s at the end (the steps and their batches: no "
+              "compilation, logging, evaluation or checkpoints), wall (s) the run's whole loop.",
+              ""]
     if waterfall_steps:
-        lines += [waterfall_markdown(list(waterfall_steps), reference=waterfall_reference, baseline=baseline), ""]
+        lines += [waterfall_markdown(list(waterfall_steps), reference=waterfall_reference,
+                                     baseline=baseline), ""]
     for arm, text in samples.items():
-        lines += [f"## Sample: {arm} (seed 0, end of training)", "", "```", text.strip("\n"), "```", ""]
-    lines += ["## Plots", "", "![val loss](val_loss.png)", "", "![attention entropy](attention_entropy.png)", "",
+        lines += [f"## Sample: {arm} (seed 0, end of training)", "", "```", text.strip("\n"), "```",
+                  ""]
+    lines += ["## Plots", "", "![val loss](val_loss.png)", "",
+              "![attention entropy](attention_entropy.png)", "",
               "![gate](grassmann_gate.png)", ""]
     return "\n".join(lines)
 
 
 def plot_report(results: dict[str, list[TrainResult]], out: pathlib.Path,
                 ngram_rows: Sequence[dict] = ()) -> list[pathlib.Path]:
-    """val_loss.png (band over seeds; n-gram references as horizontal lines), attention_entropy.png and
-    grassmann_gate.png per layer."""
+    """val_loss.png (band over seeds; n-gram references as horizontal lines), attention_entropy.png
+    and grassmann_gate.png per layer."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -159,7 +181,8 @@ def plot_report(results: dict[str, list[TrainResult]], out: pathlib.Path,
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss (nats/char)")
     ax.set_title("validation loss, mean ± std over seeds")
-    if len(results) + len(ngram_rows) > 5:  # an ablation: the legend would hide the curves, put it beside them
+    # an ablation: the legend would hide the curves, put it beside them
+    if len(results) + len(ngram_rows) > 5:
         fig.set_size_inches(9, 4)
         ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
     else:
@@ -171,8 +194,10 @@ def plot_report(results: dict[str, list[TrainResult]], out: pathlib.Path,
     plt.close(fig)
 
     for filename, prefix, ylabel, title in [
-        ("attention_entropy.png", "attn/entropy/L", "normalised entropy", "attention entropy per layer"),
-        ("grassmann_gate.png", "grassmann/gate_mean/L", "mean gate α", "Grassmann gate α per layer"),
+        ("attention_entropy.png", "attn/entropy/L", "normalised entropy",
+         "attention entropy per layer"),
+        ("grassmann_gate.png", "grassmann/gate_mean/L", "mean gate α",
+         "Grassmann gate α per layer"),
     ]:
         fig, ax = plt.subplots(figsize=(6, 4))
         drawn = False
@@ -180,14 +205,16 @@ def plot_report(results: dict[str, list[TrainResult]], out: pathlib.Path,
             length = min(len(r.history) for r in runs)
             if not length:
                 continue
-            keys = sorted(k for k in runs[0].history[0] if k.startswith(prefix) and "/h" not in k[len(prefix):])
+            keys = sorted(k for k in runs[0].history[0]
+                          if k.startswith(prefix) and "/h" not in k[len(prefix):])
             for key in keys:
                 steps = [h["step"] for h in runs[0].history[:length]]
                 band(ax, steps, np.array([[h[key] for h in r.history[:length]] for r in runs]),
                      f"{arm} layer {key[len(prefix):]}")
                 drawn = True
         if not drawn:
-            ax.text(0.5, 0.5, "no arm has this statistic", ha="center", va="center", transform=ax.transAxes)
+            ax.text(0.5, 0.5, "no arm has this statistic", ha="center", va="center",
+                    transform=ax.transAxes)
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.set_title(title + " (mean ± std over seeds)")
@@ -201,20 +228,23 @@ def plot_report(results: dict[str, list[TrainResult]], out: pathlib.Path,
     return paths
 
 
-def run_comparison(config, *, workdir, exp_name: str, data_dir: str | None = None, wandb_mode: str | None = None,
+def run_comparison(config, *, workdir, exp_name: str, data_dir: str | None = None,
+                   wandb_mode: str | None = None,
                    print_fn: Callable[[str], None] = print) -> dict:
     """Train every arm for every seed, then write <workdir>/report/ and log the table to W&B."""
     workdir = pathlib.Path(workdir)
     specs = comparison_arms(config)
     seeds = [config.train.seed + i for i in range(config.compare.seeds)]
     group = config.wandb.group or exp_name
-    plans = plan_steps(config, {s.name: arm_config(config, s.arm, seeds[0], group, s) for s in specs}, workdir,
-                       data_dir, print_fn)
+    plans = plan_steps(config, {s.name: arm_config(config, s.arm, seeds[0], group, s)
+                                for s in specs}, workdir, data_dir, print_fn)
     results: dict[str, list[TrainResult]] = {}
     evals: dict[str, list[dict]] = {}
-    # Screen, then confirm: arms not among compare.finalists (empty: all) run at the first seed only.
+    # Screen, then confirm: arms not among compare.finalists (empty: all) run at the first seed
+    # only.
     finalists = set(config.compare.get("finalists", ())) or {s.arm for s in specs}
-    for seed in seeds:  # seed-major: an interrupted comparison still has every arm at the first seeds
+    # seed-major: an interrupted comparison still has every arm at the first seeds
+    for seed in seeds:
         for spec in specs if seed == seeds[0] else [s for s in specs if s.arm in finalists]:
             print_fn(f"== {exp_name}: arm {spec.name}, seed {seed} ==")
             cfg = apply_plan(arm_config(config, spec.arm, seed, group, spec), plans[spec.name],
@@ -223,45 +253,53 @@ def run_comparison(config, *, workdir, exp_name: str, data_dir: str | None = Non
             results.setdefault(spec.name, []).append(
                 train(cfg, workdir=run_dir, exp_name=f"{exp_name}-{spec.name}", data_dir=data_dir,
                       wandb_mode=wandb_mode, print_fn=print_fn))
-            evals.setdefault(spec.name, []).append(evaluate_run(run_dir, data_dir=data_dir, split="val",
+            evals.setdefault(spec.name, []).append(evaluate_run(run_dir, data_dir=data_dir,
+                                                                split="val",
                                                                 print_fn=lambda *_: None))
     rows = summarise(results, evals)
     report_dir = workdir / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
     if config.compare.get("blocks"):
-        return write_block_report(config, specs, rows, results, plans, report_dir=report_dir, exp_name=exp_name,
-                                  group=group, wandb_mode=wandb_mode, print_fn=print_fn)
-    return _write_report(config, rows, results, plans, report_dir=report_dir, exp_name=exp_name, group=group,
-                         data_dir=data_dir, wandb_mode=wandb_mode, print_fn=print_fn)
+        return write_block_report(config, specs, rows, results, plans, report_dir=report_dir,
+                                  exp_name=exp_name, group=group, wandb_mode=wandb_mode,
+                                  print_fn=print_fn)
+    return _write_report(config, rows, results, plans, report_dir=report_dir, exp_name=exp_name,
+                         group=group, data_dir=data_dir, wandb_mode=wandb_mode, print_fn=print_fn)
 
 
-def _write_report(config, rows, results, plans, *, report_dir, exp_name, group, data_dir, wandb_mode, print_fn):
-    # Count-based references on the same split (seconds of NumPy; none unless compare.ngram_contexts is set).
-    ngram_rows = fit_ngram_lines(config, contexts=config.compare.get("ngram_contexts", ()), data_dir=data_dir)
+def _write_report(config, rows, results, plans, *, report_dir, exp_name, group, data_dir,
+                  wandb_mode, print_fn):
+    # Count-based references on the same split (seconds of NumPy; none unless
+    # compare.ngram_contexts is set).
+    ngram_rows = fit_ngram_lines(config, contexts=config.compare.get("ngram_contexts", ()),
+                                 data_dir=data_dir)
     samples = {arm: runs[0].sample for arm, runs in results.items()}
     reference = config.compare.get("waterfall_reference", "")
     waterfall_steps = []
     if reference:  # ablations: how much of the reference arm's gap to the baseline each arm closes
         if reference not in results or config.compare.baseline not in results:
             raise ValueError(f"compare.waterfall_reference {reference!r} and compare.baseline "
-                             f"{config.compare.baseline!r} must both be among the arms run: {list(results)}")
+                             f"{config.compare.baseline!r} must both be among the arms run: "
+                             f"{list(results)}")
         waterfall_steps = waterfall(rows, reference=reference, baseline=config.compare.baseline,
                                     changes={arm: config.arms[arm].to_dict() for arm in results})
-    text = report_markdown(rows, samples, exp_name=exp_name, steps=config.train.steps, baseline=config.compare.baseline,
-                           ngram_rows=ngram_rows, waterfall_steps=waterfall_steps, waterfall_reference=reference,
+    text = report_markdown(rows, samples, exp_name=exp_name, steps=config.train.steps,
+                           baseline=config.compare.baseline, ngram_rows=ngram_rows,
+                           waterfall_steps=waterfall_steps, waterfall_reference=reference,
                            budget=budget_note(config, plans))
     (report_dir / "report.md").write_text(text)
     (report_dir / "summary.json").write_text(json.dumps(
-        {"rows": add_gaps(rows, config.compare.baseline), "ngram_rows": ngram_rows, "waterfall": waterfall_steps,
-         "baseline": config.compare.baseline, "waterfall_reference": reference, "steps": config.train.steps,
+        {"rows": add_gaps(rows, config.compare.baseline), "ngram_rows": ngram_rows,
+         "waterfall": waterfall_steps, "baseline": config.compare.baseline,
+         "waterfall_reference": reference, "steps": config.train.steps,
          "match": config.compare.get("match", "params"), "plans": plans}, indent=2))
     plots = plot_report(results, report_dir, ngram_rows)
     tables = {"comparison": rows, "ngram": ngram_rows, "waterfall": waterfall_steps}
-    log_report(config, report_dir, tables, plots, exp_name=exp_name, group=group, wandb_mode=wandb_mode,
-               step=config.train.steps, print_fn=print_fn)
+    log_report(config, report_dir, tables, plots, exp_name=exp_name, group=group,
+               wandb_mode=wandb_mode, step=config.train.steps, print_fn=print_fn)
     print_fn(text.split("\n## Sample")[0])
     print_fn(f"report written to {report_dir / 'report.md'}")
-    return {"rows": rows, "ngram_rows": ngram_rows, "waterfall": waterfall_steps, "report_dir": str(report_dir),
-            "plans": plans}
+    return {"rows": rows, "ngram_rows": ngram_rows, "waterfall": waterfall_steps,
+            "report_dir": str(report_dir), "plans": plans}
 
 

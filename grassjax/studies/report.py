@@ -1,5 +1,5 @@
-"""What every comparison report shares: seed statistics, how the arms were matched, and the report's own W&B
-run (its tables and plots, in the comparison's group)."""
+"""What every comparison report shares: seed statistics, how the arms were matched, and the report's
+own W&B run (its tables and plots, in the comparison's group)."""
 
 from __future__ import annotations
 
@@ -33,26 +33,31 @@ def budget_note(config, plans: dict[str, dict]) -> str:
     match = config.compare.get("match", "params")
     steps = ", ".join(f"{arm} {plan['steps']:,}" for arm, plan in plans.items())
     if match == "time":
-        return (f"Matched by training time: {config.compare.time_budget_s:g} s per run (perf/elapsed_s: the steps "
-                f"and their batches; no compilation, logging or evaluation), one arm after the other on this machine, each "
-                f"arm's step count fixed from a timed warm-up (`<arm>/steps.json`) so its cosine schedule spans the "
-                f"budget; steps: {steps}")
+        return (f"Matched by training time: {config.compare.time_budget_s:g} s per run "
+                f"(perf/elapsed_s: the steps and their batches; no compilation, logging or "
+                f"evaluation), one arm after the other on this machine, each arm's step count "
+                f"fixed from a timed warm-up (`<arm>/steps.json`) so its cosine schedule spans "
+                f"the budget; steps: {steps}")
     if match == "tokens":
-        return f"Matched by training tokens: {next(iter(plans.values()))['tokens_budget']:,} per run; steps: {steps}"
+        return (f"Matched by training tokens: {next(iter(plans.values()))['tokens_budget']:,} "
+                f"per run; steps: {steps}")
     return f"{config.train.steps} steps per run" if len({p["steps"] for p in plans.values()}) == 1 \
         else f"Matched by parameters; steps: {steps}"
 
 
-def log_report(config, report_dir: pathlib.Path, tables: dict[str, list[dict]], plots: Sequence[pathlib.Path], *,
-               exp_name: str, group: str, wandb_mode: str | None, step: int, print_fn) -> None:
-    """The report's own W&B run in the comparison's group: each non-empty table, and the plots as images."""
-    with RunLogger(workdir=report_dir, project=config.wandb.project, name=f"{exp_name}-report", group=group,
-                   tags=list(config.wandb.tags) + ["report"], config=config.to_dict(), mode=wandb_mode,
-                   job_type="report", print_fn=print_fn) as logger:
+def log_report(config, report_dir: pathlib.Path, tables: dict[str, list[dict]],
+               plots: Sequence[pathlib.Path], *, exp_name: str, group: str,
+               wandb_mode: str | None, step: int, print_fn) -> None:
+    """The report's own W&B run in the comparison's group: each non-empty table, and the plots as
+    images."""
+    with RunLogger(workdir=report_dir, project=config.wandb.project, name=f"{exp_name}-report",
+                   group=group, tags=list(config.wandb.tags) + ["report"], config=config.to_dict(),
+                   mode=wandb_mode, job_type="report", print_fn=print_fn) as logger:
         for key, table in tables.items():
             if table:
                 columns = list(table[0])
-                logger.log_table(key, columns, [[row[c] for c in columns] for row in table], step=step)
+                logger.log_table(key, columns, [[row[c] for c in columns] for row in table],
+                                 step=step)
         logger.log_images({p.stem: _read_png(p) for p in plots}, step=step)
 
 

@@ -1,18 +1,7 @@
 """Learning-rate search with Optuna: a persistent study, median pruning, one W&B run per trial.
 
-The study lives in <workdir>/study.db (SQLite), so rerunning the same command continues it: finished
-trials are kept, and until `tune.n_trials` trials have completed or been pruned, new ones are asked for.
-A trial that an earlier invocation left unfinished (Ctrl-C, a killed process) is closed as failed and
-its learning rate queued again, in the same trial folder, so its training resumes from its checkpoint.
-This assumes one worker per study (a second process running the same study would see the first one's
-live trials as unfinished).
-
-Each trial is an ordinary `train` run in <workdir>/trials/trialNNN with the learning rate (and min_lr =
-lr x tune.min_lr_ratio) set; all trials share one W&B group. After every evaluation the trial reports
-its val loss, and the median pruner stops it when it is worse than the median of earlier trials at the
-same step. A diverged trial (non-finite loss) is recorded as failed.
-
-Optuna is an optional dependency: `pip install -e .[tune]`.
+The study lives in <workdir>/study.db (SQLite), so rerunning the same command continues it (see
+run_tuning). Optuna is an optional dependency: `pip install -e .[tune]`.
 """
 
 from __future__ import annotations
@@ -32,7 +21,8 @@ def import_optuna():
     return require("optuna", extra="tune", feature="tuning")
 
 
-def trial_config(config, *, learning_rate: float, number: int, exp_name: str, group: str) -> ml_collections.ConfigDict:
+def trial_config(config, *, learning_rate: float, number: int, exp_name: str,
+                 group: str) -> ml_collections.ConfigDict:
     """The single-run config of one trial."""
     cfg = ml_collections.ConfigDict(config.to_dict())
     ratio = config.tune.min_lr_ratio
@@ -45,9 +35,24 @@ def trial_config(config, *, learning_rate: float, number: int, exp_name: str, gr
     return cfg
 
 
-def run_tuning(config, *, workdir, exp_name: str, data_dir: str | None = None, wandb_mode: str | None = None,
+def run_tuning(config, *, workdir, exp_name: str, data_dir: str | None = None,
+               wandb_mode: str | None = None,
                print_fn: Callable[[str], None] = print) -> dict:
-    """Run (or continue) the study until tune.n_trials trials are complete or pruned; write tune.md/json."""
+    """Run (or continue) the study until tune.n_trials trials are complete or pruned; write
+    tune.md/json.
+
+    Rerunning the same command continues the study in <workdir>/study.db: finished trials are kept,
+    and until `tune.n_trials` trials have completed or been pruned, new ones are asked for. A trial
+    that an earlier invocation left unfinished (Ctrl-C, a killed process) is closed as failed and
+    its learning rate queued again, in the same trial folder, so its training resumes from its
+    checkpoint. This assumes one worker per study (a second process running the same study would
+    see the first one's live trials as unfinished).
+
+    Each trial is an ordinary `train` run in <workdir>/trials/trialNNN with the learning rate (and
+    min_lr = lr x tune.min_lr_ratio) set; all trials share one W&B group. After every evaluation
+    the trial reports its val loss, and the median pruner stops it when it is worse than the median
+    of earlier trials at the same step. A diverged trial (non-finite loss) is recorded as failed.
+    """
     optuna = import_optuna()
     from optuna.trial import TrialState
 
@@ -59,41 +64,51 @@ def run_tuning(config, *, workdir, exp_name: str, data_dir: str | None = None, w
     name = tc.study_name or exp_name
     existing = name in optuna.get_all_study_names(storage)
     num_before = len(optuna.load_study(study_name=name, storage=storage).trials) if existing else 0
-    # Offset the sampler's seed by the trials already run: a resumed study must not replay its first proposals.
-    sampler = optuna.samplers.TPESampler(seed=tc.seed + num_before, n_startup_trials=tc.startup_trials)
-    pruner = (optuna.pruners.MedianPruner(n_startup_trials=tc.startup_trials, n_warmup_steps=tc.prune_warmup_steps)
+    # Offset the sampler's seed by the trials already run: a resumed study must not replay its first
+    # proposals.
+    sampler = optuna.samplers.TPESampler(seed=tc.seed + num_before,
+                                         n_startup_trials=tc.startup_trials)
+    pruner = (optuna.pruners.MedianPruner(n_startup_trials=tc.startup_trials,
+                                          n_warmup_steps=tc.prune_warmup_steps)
               if tc.prune else optuna.pruners.NopPruner())
-    study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True, direction="minimize",
-                                sampler=sampler, pruner=pruner)
-    # Chosen points first (e.g. a grid around the recipe's rate), each once per study, then the sampler;
-    # rerunning with one more entry (and one more trial) extends the grid.
+    study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True,
+                                direction="minimize", sampler=sampler, pruner=pruner)
+    # Chosen points first (e.g. a grid around the recipe's rate), each once per study, then the
+    # sampler; rerunning with one more entry (and one more trial) extends the grid.
     tried = {t.params.get("learning_rate") for t in study.get_trials(deepcopy=False)}
     for lr in tc.get("first_lrs", ()):
         if float(lr) not in tried:
             study.enqueue_trial({"learning_rate": float(lr)})
-    for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):  # left by an interrupted run
+    # left by an interrupted run
+    for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         study.tell(stale.number, state=TrialState.FAIL)
-        study.enqueue_trial(stale.params, user_attrs={"resume_dir": stale.user_attrs.get("workdir", "")})
-        print_fn(f"trial {stale.number} was interrupted: queued again (learning rate {stale.params}), resuming "
-                 f"from its checkpoint")
+        study.enqueue_trial(stale.params,
+                            user_attrs={"resume_dir": stale.user_attrs.get("workdir", "")})
+        print_fn(f"trial {stale.number} was interrupted: queued again (learning rate "
+                 f"{stale.params}), resuming from its checkpoint")
 
     group = config.wandb.group or exp_name
-    finished = lambda: len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    finished = lambda: len(study.get_trials(deepcopy=False,
+                                            states=(TrialState.COMPLETE, TrialState.PRUNED)))
     while finished() < tc.n_trials:
         trial = study.ask()
         lr = trial.suggest_float("learning_rate", tc.lr_min, tc.lr_max, log=True)
-        trial_dir = trial.user_attrs.get("resume_dir") or str(workdir / "trials" / f"trial{trial.number:03d}")
+        trial_dir = (trial.user_attrs.get("resume_dir")
+                     or str(workdir / "trials" / f"trial{trial.number:03d}"))
         trial.set_user_attr("workdir", trial_dir)
-        cfg = trial_config(config, learning_rate=lr, number=trial.number, exp_name=exp_name, group=group)
-        print_fn(f"== {exp_name}: trial {trial.number}, learning rate {lr:.3g} ({finished()}/{tc.n_trials} done) ==")
+        cfg = trial_config(config, learning_rate=lr, number=trial.number, exp_name=exp_name,
+                           group=group)
+        print_fn(f"== {exp_name}: trial {trial.number}, learning rate {lr:.3g} "
+                 f"({finished()}/{tc.n_trials} done) ==")
 
         def on_eval(step, metrics, trial=trial):
             trial.report(metrics["val/loss"], step)
             return trial.should_prune()
 
         try:
-            result = train(cfg, workdir=trial_dir, exp_name=f"{exp_name}-trial{trial.number:03d}", data_dir=data_dir,
-                           wandb_mode=wandb_mode, print_fn=print_fn, on_eval=on_eval)
+            result = train(cfg, workdir=trial_dir, exp_name=f"{exp_name}-trial{trial.number:03d}",
+                           data_dir=data_dir, wandb_mode=wandb_mode, print_fn=print_fn,
+                           on_eval=on_eval)
         except NonFiniteLossError as err:
             trial.set_user_attr("diverged", str(err))
             study.tell(trial, state=TrialState.FAIL)
@@ -115,9 +130,12 @@ def _write_report(study, workdir: pathlib.Path, exp_name: str, print_fn) -> dict
     rows = []
     for t in study.get_trials(deepcopy=False):
         values = list(t.intermediate_values.values())
-        rows.append(dict(number=t.number, state=t.state.name, learning_rate=t.params.get("learning_rate", math.nan),
-                         best_val_loss=t.value if t.value is not None else (min(values) if values else math.nan),
-                         final_step=t.user_attrs.get("final_step"), workdir=t.user_attrs.get("workdir", "")))
+        rows.append(dict(number=t.number, state=t.state.name,
+                         learning_rate=t.params.get("learning_rate", math.nan),
+                         best_val_loss=t.value if t.value is not None
+                         else (min(values) if values else math.nan),
+                         final_step=t.user_attrs.get("final_step"),
+                         workdir=t.user_attrs.get("workdir", "")))
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
     best = min(complete, key=lambda t: t.value) if complete else None
     lines = [f"# {exp_name}: learning-rate search ({len(rows)} trials)", ""]
@@ -126,11 +144,13 @@ def _write_report(study, workdir: pathlib.Path, exp_name: str, print_fn) -> dict
                   f"best val loss {best.value:.4f}.", ""]
     lines += ["| trial | state | learning rate | best val loss | steps |", "|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["state"] != "COMPLETE", r["best_val_loss"])):
-        lines.append(f"| {r['number']} | {r['state']} | {r['learning_rate']:.4g} | {r['best_val_loss']:.4f} | "
+        lines.append(f"| {r['number']} | {r['state']} | {r['learning_rate']:.4g} | "
+                     f"{r['best_val_loss']:.4f} | "
                      f"{r['final_step'] if r['final_step'] is not None else '—'} |")
     text = "\n".join(lines) + "\n"
     (workdir / "tune.md").write_text(text)
-    summary = {"rows": rows, "best": None if best is None else {"number": best.number, "value": best.value,
+    summary = {"rows": rows, "best": None if best is None else {"number": best.number,
+                                                                 "value": best.value,
                                                                  "params": best.params}}
     (workdir / "tune.json").write_text(json.dumps(summary, indent=2))
     print_fn(text)
