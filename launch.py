@@ -33,6 +33,8 @@ flags.DEFINE_integer("top_k", 0, "--mode=sample: sample among the k most likely 
 flags.DEFINE_integer("num_samples", 1, "--mode=sample: how many samples.")
 flags.DEFINE_integer("seed", 0, "--mode=sample: random seed.")
 flags.DEFINE_string("split", "val", "--mode=evaluate: train, val (or test on WikiText-2).")
+flags.DEFINE_string("checkpoint", None, "--mode=sample/evaluate: best (the default where the run kept one), "
+                    "latest, or a step number.")
 flags.DEFINE_integer("stride", 0, "--mode=evaluate: window stride in tokens (0 = block size: non-overlapping).")
 flags.DEFINE_string("compile_cache", os.path.join("~", ".cache", "grassjax", "xla"),
                     "Folder that keeps compiled XLA programs for later runs: a rerun, a resumed run or a tuning trial "
@@ -93,10 +95,12 @@ def use_trained_run(mode: str, workdir: str):
     from grassjax import inference
 
     if mode == "sample":
-        inference.sample_run(workdir, prompt=FLAGS.prompt, num_tokens=FLAGS.num_tokens, temperature=FLAGS.temperature,
-                           top_k=FLAGS.top_k, num_samples=FLAGS.num_samples, seed=FLAGS.seed)
+        inference.sample_run(workdir, prompt=FLAGS.prompt, num_tokens=FLAGS.num_tokens,
+                             temperature=FLAGS.temperature, top_k=FLAGS.top_k, num_samples=FLAGS.num_samples,
+                             seed=FLAGS.seed, checkpoint=FLAGS.checkpoint)
     else:
-        inference.evaluate_run(workdir, data_dir=FLAGS.data_dir, split=FLAGS.split, stride=FLAGS.stride)
+        inference.evaluate_run(workdir, data_dir=FLAGS.data_dir, split=FLAGS.split, stride=FLAGS.stride,
+                               checkpoint=FLAGS.checkpoint)
 
 
 def main(argv):

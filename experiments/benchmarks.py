@@ -75,7 +75,7 @@ def benchmark_scaling_gpu() -> ml_collections.ConfigDict:
     GPU Shakespeare LM (6 x 384, r=32), T up to 8192."""
     cfg = shakespeare.grassmann_shakespeare_gpu()
     # dropout changes nothing about the cost worth measuring; keeps runs comparable
-    cfg.model.dropout = 0.0
+    cfg.model.dropout = cfg.model.attn_dropout = 0.0
     cfg.bench = _bench(
         dtype="bfloat16",
         mixers=("attention", "attention_jax_nn", "attention_cudnn", "attention_explicit",
@@ -139,7 +139,7 @@ def benchmark_vs_pytorch_gpu() -> ml_collections.ConfigDict:
     cfg = benchmark_vs_pytorch()
     gpu = shakespeare.grassmann_shakespeare_gpu()
     cfg.model, cfg.train = gpu.model, gpu.train
-    cfg.model.dropout = 0.0
+    cfg.model.dropout = cfg.model.attn_dropout = 0.0
     cfg.bench.update(seq_lens=(256, 1024), batch_sizes=(64, 16), torch_device="cuda",
                      matmul_precision="tensorfloat32", loss_tolerance=1e-2, reps=50, warmup=5)
     cfg.wandb.tags = ("benchmark", "pytorch", "gpu")

@@ -27,6 +27,7 @@ def _gpu(mixer: str):
     cfg.model.num_layers, cfg.model.d_model, cfg.model.num_heads, cfg.model.d_ff = 6, 384, 6, 1536
     cfg.model.rank = 32
     cfg.model.dropout = 0.2
+    cfg.model.attn_dropout = 0.2  # nanoGPT drops attention probabilities out at its dropout rate
     cfg.data.block_size = 256
     cfg.train.update(batch_size=64, steps=5000, eval_every=500, eval_batches=100,
                      checkpoint_every=1000, warmup_steps=100, min_lr=1e-4)

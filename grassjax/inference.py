@@ -35,13 +35,15 @@ class RunError(DataError):
 
 @dataclasses.dataclass
 class LoadedRun:
-    """A trained run: unpacks as `model, vocab, config`; `step` is the checkpoint's step."""
+    """A trained run: unpacks as `model, vocab, config`; `step` is the checkpoint's step, `choice` what
+    chose it ("best", "latest" or "step")."""
 
     model: nnx.Module
     vocab: Any  # CharVocab or grassjax.wikitext.WordPieceVocab
     config: ml_collections.ConfigDict
     step: int
     workdir: pathlib.Path
+    choice: str = "latest"
 
     def __iter__(self):
         return iter((self.model, self.vocab, self.config))
@@ -56,34 +58,106 @@ def _load_vocab(path: pathlib.Path):
     return CharVocab.from_dict(data)
 
 
-def load_run(workdir: str | pathlib.Path, print_fn: Callable[[str], None] = print) -> LoadedRun:
-    """The model (newest good checkpoint), vocabulary and resolved config of a training run's workdir."""
-    from grassjax.train.checkpoint import Checkpointer
-    from grassjax.train.setup import model_config_from
-    from grassjax.train.optim import train_hparams
-    from grassjax.train.step import init_train_state
+CHOICES = ("best", "latest")
 
+
+def parse_checkpoint(choice: str | int | None) -> str | int | None:
+    """--checkpoint=best|latest|STEP as "best", "latest", an int, or None (the default: best where one
+    exists); RunError for anything else."""
+    if choice is None or isinstance(choice, int):
+        return choice
+    text = str(choice).strip().lower()
+    if text in ("", "default"):
+        return None
+    if text in CHOICES:
+        return text
+    if text.isdigit():
+        return int(text)
+    raise RunError(f"--checkpoint={choice!r}: expected best, latest or a step number")
+
+
+def _available(checkpointer) -> str:
+    steps = checkpointer.all_steps()
+    best = checkpointer.best_step()
+    parts = [f"latest (step {steps[-1]})"] if steps else []
+    parts += [f"best (step {best})"] if best is not None else []
+    parts += [f"steps {', '.join(map(str, steps))}"] if steps else []
+    return "; ".join(parts) or "none"
+
+
+def _restore_choice(checkpointer, template, choice, print_fn):
+    """(state, choice made, why) for --checkpoint=`choice`; RunError naming what exists otherwise."""
+    from grassjax.train.workdir import WorkdirError
+
+    best = checkpointer.best_step()
+    where = checkpointer.workdir
+    if choice == "best" and best is None:
+        raise RunError(f"--checkpoint=best: {where} has no best checkpoint (trained before best checkpoints "
+                       f"were kept, or never evaluated); available: {_available(checkpointer)}")
+    if isinstance(choice, int) and choice != best and choice not in checkpointer.all_steps():
+        raise RunError(f"--checkpoint={choice}: {where} has no checkpoint of step {choice}; available: "
+                       f"{_available(checkpointer)}")
+    if choice == "best" or (choice is None and best is not None) or (isinstance(choice, int) and choice == best):
+        try:
+            loss = checkpointer.best_val_loss()
+            state = checkpointer.restore(template, best, best=True)
+        except Exception as err:  # noqa: BLE001 - a corrupt best, or orbax's own errors
+            reason = str(err) if isinstance(err, WorkdirError) else f"{type(err).__name__}: {err}".splitlines()[0]
+            if choice is not None:
+                raise RunError(f"--checkpoint={choice}: the best checkpoint (step {best}) cannot be read "
+                               f"({reason[:200]}); available: {_available(checkpointer)}") from None
+            print_fn(f"Warning: the best checkpoint (step {best}) cannot be read ({reason[:200]}); using the "
+                     f"newest instead")
+        else:
+            return state, "best", f"the best checkpoint: val loss {loss:.4f}, the lowest of the run's " \
+                                  f"evaluations on sampled validation batches"
+    if isinstance(choice, int):
+        return checkpointer.restore(template, choice), "step", f"--checkpoint={choice}"
+    state = checkpointer.restore_newest_good(template, print_fn)
+    why = "--checkpoint=latest" if choice == "latest" else "the newest checkpoint (the run has no readable best)"
+    return state, "latest", why
+
+
+def load_run(workdir: str | pathlib.Path, print_fn: Callable[[str], None] = print, *,
+             checkpoint: str | int | None = None) -> LoadedRun:
+    """The model, vocabulary and resolved config of a training run's workdir, read without writing to it.
+
+    checkpoint: "best" (the state of the evaluation with the lowest val loss; the default where the run
+    kept one), "latest" (the newest good checkpoint), or a step number. One line says which was used.
+    """
+    from grassjax.train.checkpoint import CheckpointMismatchError, Checkpointer
+    from grassjax.train.optim import train_hparams
+    from grassjax.train.setup import model_config_from
+    from grassjax.train.step import init_train_state
+    from grassjax.train.workdir import WorkdirError
+
+    choice = parse_checkpoint(checkpoint)
     workdir = pathlib.Path(workdir)
     checkpoints = workdir / "checkpoints"
     if not checkpoints.is_dir() or not any(p.name.isdigit() for p in checkpoints.iterdir()):
-        raise RunError(f"no checkpoint in {workdir}; train first (python launch.py --exp=NAME --workdir={workdir}) "
-                       f"or pass the --workdir of a trained run")
+        raise RunError(f"no checkpoint in {workdir}; train first (python launch.py --exp=NAME "
+                       f"--workdir={workdir}) or pass the --workdir of a trained run")
     missing = [name for name in (CONFIG_NAME, "vocab.json") if not (workdir / name).exists()]
     if missing:
-        raise RunError(f"{workdir} has checkpoints but no {' or '.join(missing)} (written by training since this "
-                       f"version); resume the run once to write them")
+        raise RunError(f"{workdir} has checkpoints but no {' or '.join(missing)} (written by training since "
+                       f"this version); resume the run once to write them")
     config = ml_collections.ConfigDict(json.loads((workdir / CONFIG_NAME).read_text()))
     vocab = _load_vocab(workdir / "vocab.json")
     model = build_model(model_config_from(config, vocab.size), seed=config.train.seed)
-    params = nnx.state(model, nnx.Param)
-    template = init_train_state(params, train_hparams(config.train))  # the saved structure
-    checkpointer = Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
+    template = init_train_state(nnx.state(model, nnx.Param), train_hparams(config.train))  # the saved structure
+    checkpointer = Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints, read_only=True)
     try:
-        state = checkpointer.restore_newest_good(template, print_fn)
+        state, made, why = _restore_choice(checkpointer, template, choice, print_fn)
+    except CheckpointMismatchError as err:
+        raise RunError(f"{err}, unlike its {CONFIG_NAME} and vocab.json; rerun its training command to "
+                       f"rewrite them, or pass the --workdir of another run") from None
+    except WorkdirError as err:
+        raise RunError(str(err)) from None
     finally:
         checkpointer.close()
     nnx.update(model, state.params)
-    return LoadedRun(model, vocab, config, int(state.step), workdir)
+    print_fn(f"{workdir}: using step {int(state.step)}, {why}")
+    return LoadedRun(model, vocab, config, int(state.step), workdir, made)
 
 
 def encode_prompt(vocab, prompt: str) -> np.ndarray:
@@ -153,17 +227,17 @@ def evaluate_split(model, tokens: np.ndarray, *, stride: int | None = None, batc
 
 
 def sample_run(workdir, *, prompt: str = "\n", num_tokens: int = 500, temperature: float = 0.8, top_k: int = 0,
-               num_samples: int = 1, seed: int = 0, write: Callable[[str], None] | None = None,
-               print_fn: Callable[[str], None] = print) -> list[str]:
+               num_samples: int = 1, seed: int = 0, checkpoint: str | int | None = None,
+               write: Callable[[str], None] | None = None, print_fn: Callable[[str], None] = print) -> list[str]:
     """launch.py --mode=sample: print num_samples continuations of `prompt` as they decode; returns them."""
     import sys
     import time
 
-    if num_tokens < 1 or num_samples < 1 or temperature < 0 or top_k < 0:
+    if num_tokens < 1 or num_samples < 1 or not math.isfinite(temperature) or temperature < 0 or top_k < 0:
         raise RunError(f"--num_tokens ({num_tokens}) and --num_samples ({num_samples}) must be >= 1, "
                        f"--temperature ({temperature}) and --top_k ({top_k}) >= 0")
     write = write or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
-    run = load_run(workdir, print_fn)
+    run = load_run(workdir, print_fn, checkpoint=checkpoint)
     prompt_ids = encode_prompt(run.vocab, prompt)
     streams_chars = isinstance(run.vocab, CharVocab)  # WordPiece pieces are only readable decoded together
     kind = "bigram table" if isinstance(run.model, BigramLanguageModel) else \
@@ -191,27 +265,43 @@ def sample_run(workdir, *, prompt: str = "\n", num_tokens: int = 500, temperatur
     return texts
 
 
+def eval_file_name(split: str, checkpoint: str | int | None = None) -> str:
+    """eval-<split>.json for the default checkpoint; eval-<split>-latest.json, -best, -step<N> otherwise."""
+    choice = parse_checkpoint(checkpoint)
+    suffix = "" if choice is None else f"-step{choice}" if isinstance(choice, int) else f"-{choice}"
+    return f"eval-{split}{suffix}.json"
+
+
 def evaluate_run(workdir, *, data_dir: str | None = None, split: str = "val", stride: int = 0,
+                 checkpoint: str | int | None = None, quiet_choice: bool = False,
                  print_fn: Callable[[str], None] = print) -> dict[str, Any]:
-    """launch.py --mode=evaluate: loss, perplexity, bits/token over the whole split; writes eval-<split>.json."""
+    """launch.py --mode=evaluate: loss, perplexity, bits/token over the whole split, written to
+    eval-<split>.json (eval_file_name), the one file it writes; a workdir it cannot write is one line."""
     from grassjax.data import load_dataset
 
-    run = load_run(workdir, print_fn)
+    run = load_run(workdir, (lambda *_: None) if quiet_choice else print_fn, checkpoint=checkpoint)
     dataset = load_dataset(run.config.data, data_dir)
     splits = {name: getattr(dataset, name) for name in ("train", "val", "test") if hasattr(dataset, name)}
     if split not in splits:
-        raise RunError(f"--split={split!r} is not a split of {run.config.data.dataset}; valid: {', '.join(splits)}")
+        raise RunError(f"--split={split!r} is not a split of {run.config.data.dataset}; valid: "
+                       f"{', '.join(splits)}")
     result = evaluate_split(run.model, splits[split], stride=stride or None)
-    result = dict(split=split, step=run.step, dataset=run.config.data.dataset, **result)
+    result = dict(split=split, step=run.step, checkpoint=run.choice, dataset=run.config.data.dataset, **result)
     unit = "char" if isinstance(run.vocab, CharVocab) else "token"
-    rows = [("split", split), ("checkpoint step", run.step), ("tokens scored", f"{result['tokens_scored']:,}"),
+    rows = [("split", split), ("checkpoint step", f"{run.step} ({run.choice})"),
+            ("tokens scored", f"{result['tokens_scored']:,}"),
             ("windows", f"{result['windows']:,} of {result['block_size']}, stride {result['stride']}"),
             (f"loss (nats/{unit})", f"{result['loss']:.4f}"), ("perplexity", f"{result['ppl']:.3f}"),
             (f"bits/{unit}", f"{result['bits_per_token']:.4f}")]
     width = max(len(k) for k, _ in rows)
     print_fn("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     if jax.process_index() == 0:  # only process 0 writes to the workdir
-        path = pathlib.Path(workdir) / f"eval-{split}.json"
-        path.write_text(json.dumps(result, indent=1) + "\n")
-        print_fn(f"written: {path}")
+        path = pathlib.Path(workdir) / eval_file_name(split, checkpoint)
+        try:
+            path.write_text(json.dumps(result, indent=1) + "\n")
+        except OSError as err:
+            reason = err.strerror or type(err).__name__
+            print_fn(f"could not write {path} ({reason}); the numbers above are complete")
+        else:
+            print_fn(f"written: {path}")
     return result

@@ -94,3 +94,56 @@ def test_benchmark_vs_pytorch_refuses_what_it_cannot_run(tmp_path):
         cfg = benchmark_vs_pytorch_gpu()
         with pytest.raises(SystemExit, match="torch_device=cpu"):
             run_vs_pytorch_benchmark(cfg, workdir=tmp_path, exp_name="x", wandb_mode="disabled")
+
+
+@pytest.mark.parametrize("mixer, dropout, attn_dropout", [("attention", 0.0, 0.5), ("attention", 0.2, 0.0),
+                                                          ("grassmann", 0.2, 0.0)])
+def test_the_port_has_the_same_dropouts(mixer, dropout, attn_dropout):
+    """nanoGPT's dropouts (attention probabilities, residual branches, feed-forward output, embeddings):
+    off, the two compute the same loss; on, the same loss on average over masks (masks are drawn
+    differently by each framework, so only their distribution can agree)."""
+    cfg = ModelConfig(**SMALL, mixer=mixer, dropout=dropout, attn_dropout=attn_dropout)
+    model = build_model(cfg, seed=0)
+    graphdef, params = nnx.split(model, nnx.Param)
+    rng = np.random.default_rng(0)
+    x_np, y_np = rng.integers(0, 65, (8, 32)), rng.integers(0, 65, (8, 32))
+    x, y = jnp.asarray(x_np, jnp.int32), jnp.asarray(y_np, jnp.int32)
+    port = torch_port.LanguageModel(cfg)
+    torch_port.load_params(port, params)
+    xt, yt = torch.as_tensor(x_np), torch.as_tensor(y_np)
+    loss_t = lambda: float(torch.nn.functional.cross_entropy(port(xt).reshape(-1, 65), yt.reshape(-1)))
+    with torch.no_grad():
+        port.eval()
+        clean = loss_t()
+        assert abs(float(cross_entropy(model(x), y)) - clean) < 1e-4
+        port.train()
+        torch.manual_seed(0)
+        torch_draws = np.array([loss_t() for _ in range(64)])
+
+    @jax.jit
+    def dropped(key):
+        return cross_entropy(nnx.merge(graphdef, params)(x, deterministic=False,
+                                                         rngs=nnx.Rngs(dropout=key)), y)
+
+    jax_draws = np.array([float(dropped(jax.random.key(i))) for i in range(64)])
+    assert jax_draws.std() > 0.01 and torch_draws.std() > 0.01  # dropout is on, in both
+    se = np.sqrt((jax_draws.var() + torch_draws.var()) / 64)  # of the difference of the two means
+    assert abs(jax_draws.mean() - torch_draws.mean()) < 4 * se, (jax_draws.mean(), torch_draws.mean(), se)
+    # Same spread too: a rate applied twice, or to another tensor, changes it.
+    assert 0.6 < jax_draws.std() / torch_draws.std() < 1.6, (jax_draws.std(), torch_draws.std())
+
+
+def test_attention_dropout_is_off_without_a_key_and_drops_with_one():
+    from grassjax import functional as F
+
+    q, k, v = (jax.random.normal(jax.random.key(i), (2, 16, 4, 8)) for i in range(3))
+    plain = F.scaled_dot_product_attention(q, k, v, causal=True)
+    same = F.scaled_dot_product_attention(q, k, v, causal=True, dropout_rate=0.5)  # no key: off
+    np.testing.assert_array_equal(np.asarray(plain), np.asarray(same))
+    key = jax.random.key(7)
+    dropped = F.scaled_dot_product_attention(q, k, v, causal=True, dropout_rate=0.5, dropout_key=key)
+    _, weights = F.scaled_dot_product_attention(q, k, v, causal=True, return_weights=True)
+    keep = jax.random.bernoulli(key, 0.5, weights.shape)  # the mask it draws: the explicit formula
+    expected = jnp.einsum("bhts,bshd->bthd", jnp.where(keep, weights / 0.5, 0), v)
+    np.testing.assert_allclose(np.asarray(dropped), np.asarray(expected), atol=1e-5)
+    assert not np.allclose(np.asarray(dropped), np.asarray(plain))

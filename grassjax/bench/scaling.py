@@ -230,7 +230,7 @@ def lm_setup(config, mixer: str, T: int, B: int):
     graphdef, params = nnx.split(model, nnx.Param)
     hparams = train_hparams(config.train)
     state = init_train_state(params, hparams)
-    step = make_train_step(graphdef, dropout=mc.dropout)
+    step = make_train_step(graphdef, dropout=max(mc.dropout, mc.attn_dropout))
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.integers(0, mc.vocab_size, (B, T)), jnp.int32)
     y = jnp.asarray(rng.integers(0, mc.vocab_size, (B, T)), jnp.int32)

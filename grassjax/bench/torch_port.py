@@ -73,6 +73,11 @@ def grassmann_feature(z: torch.Tensor, offsets: tuple[int, ...], w_plu: torch.Te
     return torch.where(num_valid > 0, g, torch.zeros_like(g))
 
 
+def _dropout(rate: float) -> nn.Module:
+    """nn.Dropout(rate), or nothing at all at rate 0 (the timed recipes: no extra op per call)."""
+    return nn.Dropout(rate) if rate > 0 else nn.Identity()
+
+
 class GrassmannMixing(nn.Module):
     def __init__(self, cfg: ModelConfig, offsets: tuple[int, ...]):
         super().__init__()
@@ -100,7 +105,7 @@ class GrassmannMixing(nn.Module):
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.num_heads = cfg.num_heads
+        self.num_heads, self.attn_dropout = cfg.num_heads, cfg.attn_dropout
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.use_bias)
         self.out = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.use_bias)
 
@@ -109,7 +114,8 @@ class CausalSelfAttention(nn.Module):
         H = self.num_heads
         # 3 x (B, H, T, D)
         q, k, v = self.qkv(x).view(B, T, 3, H, C // H).permute(2, 0, 3, 1, 4)
-        y = TF.scaled_dot_product_attention(q, k, v, is_causal=True)  # nanoGPT's fused path
+        y = TF.scaled_dot_product_attention(  # nanoGPT's fused path, with its attention dropout
+            q, k, v, is_causal=True, dropout_p=self.attn_dropout if self.training else 0.0)
         return self.out(y.transpose(1, 2).reshape(B, T, C))
 
 
@@ -118,9 +124,10 @@ class FeedForward(nn.Module):
         super().__init__()
         self.up = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.use_bias)
         self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.use_bias)
+        self.dropout = _dropout(cfg.dropout)
 
     def forward(self, x):
-        return self.down(TF.gelu(self.up(x), approximate="tanh"))  # jax.nn.gelu's default
+        return self.dropout(self.down(TF.gelu(self.up(x), approximate="tanh")))  # jax.nn.gelu's
 
 
 class Block(nn.Module):
@@ -132,23 +139,24 @@ class Block(nn.Module):
         self.mixer = (CausalSelfAttention(cfg) if cfg.mixer == "attention"
                       else GrassmannMixing(cfg, cfg.layer_offsets(layer)))
         self.ffn = FeedForward(cfg)
+        self.dropout = _dropout(cfg.dropout)
 
-    def forward(self, x):
+    def forward(self, x):  # dropout where grassjax.nn.Block has it
         if self.norm_placement == "pre":
-            x = x + self.mixer(self.norm1(x))
+            x = x + self.dropout(self.mixer(self.norm1(x)))
             return x + self.ffn(self.norm2(x))
         m = self.mixer(x)
-        h = self.norm1(m) if self.mixer_kind == "grassmann" else self.norm1(x + m)
+        h = self.dropout(self.norm1(m)) if self.mixer_kind == "grassmann" else self.norm1(x + self.dropout(m))
         return self.norm2(h + self.ffn(h))
 
 
 class LanguageModel(nn.Module):
-    """grassjax.nn.LanguageModel in PyTorch (dropout 0: the timed recipes use none)."""
+    """grassjax.nn.LanguageModel in PyTorch, dropouts included (train() / eval() turn them on / off)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        if cfg.kind != "lm" or not cfg.tie_embeddings or cfg.dropout > 0:
-            raise ValueError("the PyTorch port covers the tied-head LM without dropout")
+        if cfg.kind != "lm" or not cfg.tie_embeddings:
+            raise ValueError("the PyTorch port covers the tied-head LM")
         if cfg.mixer not in ("attention", "grassmann") or cfg.grassmann_partner_mix != "none":
             raise ValueError(f"the PyTorch port covers model.mixer=attention|grassmann "
                              f"with the paper's offset mean, "
@@ -159,10 +167,11 @@ class LanguageModel(nn.Module):
         self.pos_embed = nn.Embedding(cfg.block_size, cfg.d_model)
         self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.num_layers)])
         self.final_norm = nn.LayerNorm(cfg.d_model, eps=1e-5)
+        self.dropout = _dropout(cfg.dropout)
 
     def forward(self, tokens):  # (B, T) int64 -> logits (B, T, V)
         T = tokens.shape[1]
-        x = self.tok_embed(tokens) + self.pos_embed(torch.arange(T, device=tokens.device))
+        x = self.dropout(self.tok_embed(tokens) + self.pos_embed(torch.arange(T, device=tokens.device)))
         for block in self.blocks:
             x = block(x)
         return self.final_norm(x) @ self.tok_embed.weight.t()  # tied head

@@ -68,6 +68,8 @@ def scaled_dot_product_attention(
     scale: float | None = None,
     return_weights: bool = False,
     implementation: str | None = None,
+    dropout_rate: float = 0.0,
+    dropout_key: jax.Array | None = None,
 ):
     """Multi-head scaled dot-product attention.
 
@@ -88,6 +90,10 @@ def scaled_dot_product_attention(
         instead: the same maths as jax.nn's XLA path, laid out (B, H, T, D),
         which XLA:CPU runs faster forward + backward (compare the `attention`
         and `attention_jax_nn` rows of the benchmark_scaling experiment).
+      dropout_rate, dropout_key: dropout on the attention probabilities (as nanoGPT's attn_dropout):
+        each is zeroed with probability dropout_rate and the rest scaled by 1 / (1 - rate). Off unless
+        both are given; with it, the probabilities are computed explicitly (jax.nn has no dropout).
+        Returned weights are the probabilities before dropout.
 
     Returns:
       out (..., T, H, D), or (out, weights) when return_weights is True.
@@ -95,14 +101,16 @@ def scaled_dot_product_attention(
     """
     T, S = q.shape[-3], k.shape[-3]
     full_mask = _combined_mask(T, S, causal, mask)  # (..., T, S) or None
-    if return_weights:
-        return _explicit_attention(q, k, v, full_mask, scale)
+    drop = (dropout_rate, dropout_key) if dropout_rate > 0 and dropout_key is not None else None
+    if return_weights or (drop and not (causal and mask is None and T == S)):
+        out, weights = _explicit_attention(q, k, v, full_mask, scale, drop)
+        return (out, weights) if return_weights else out
     # jax.nn.dot_product_attention wants exactly (B, T, H, D): fold leading dims.
     lead, H = q.shape[:-3], q.shape[-2]
     q4, k4, v4 = (a.reshape((-1,) + a.shape[-3:]) for a in (q, k, v))
     plain_causal = causal and mask is None and T == S  # lets the kernel build the mask itself
-    if plain_causal and implementation is None and jax.default_backend() == "cpu":
-        out = _causal_attention_heads_first(q4, k4, v4, scale)
+    if plain_causal and (drop or (implementation is None and jax.default_backend() == "cpu")):
+        out = _causal_attention_heads_first(q4, k4, v4, scale, drop)
         return out.reshape(q.shape[:-1] + (v.shape[-1],))
     mask4 = None
     if full_mask is not None and not plain_causal:
@@ -119,7 +127,14 @@ def scaled_dot_product_attention(
     return out.reshape(q.shape[:-1] + (v.shape[-1],))
 
 
-def _causal_attention_heads_first(q, k, v, scale):
+def _attention_dropout(probs: jax.Array, drop) -> jax.Array:
+    """probs with each entry zeroed with probability `rate`, the rest scaled by 1 / (1 - rate)."""
+    rate, key = drop
+    keep = jax.random.bernoulli(key, 1.0 - rate, probs.shape)
+    return jnp.where(keep, probs / (1.0 - rate), 0).astype(probs.dtype)
+
+
+def _causal_attention_heads_first(q, k, v, scale, drop=None):
     """Causal softmax attention on (B, T, H, D), computed in (B, H, T, D) layout.
 
     Mirrors jax.nn.dot_product_attention's XLA implementation (logits in at
@@ -137,11 +152,13 @@ def _causal_attention_heads_first(q, k, v, scale):
     large_negative = jnp.asarray(-0.7 * jnp.finfo(logits_dtype).max, logits_dtype)
     logits = jnp.where(np.tril(np.ones((T, T), dtype=bool)), logits, large_negative)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(k.dtype)
+    if drop is not None:
+        probs = _attention_dropout(probs, drop)
     out = jnp.einsum("bhts,bhsd->bhtd", probs, vh)
     return jnp.swapaxes(out, -3, -2)  # (B, T, H, D)
 
 
-def _explicit_attention(q, k, v, mask, scale):
+def _explicit_attention(q, k, v, mask, scale, drop=None):
     logits = attention_logits(q, k, scale=scale)  # (..., H, T, S) float32
     if mask is not None:
         logits = jnp.where(mask, logits, -jnp.inf)
@@ -151,7 +168,8 @@ def _explicit_attention(q, k, v, mask, scale):
     unnorm = jnp.exp(logits - jax.lax.stop_gradient(row_max))
     denom = jnp.sum(unnorm, axis=-1, keepdims=True)
     weights = unnorm / jnp.where(denom > 0, denom, 1.0)
-    out = jnp.einsum("...hts,...shd->...thd", weights.astype(v.dtype), v)
+    used = weights if drop is None else _attention_dropout(weights, drop)
+    out = jnp.einsum("...hts,...shd->...thd", used.astype(v.dtype), v)
     return out, weights
 
 

@@ -60,7 +60,8 @@ class ModelConfig:
     # Relative: pairs with sin∠(z_t, z_{t-δ}) < eps fade to 0 (functional/grassmann.py).
     grassmann_eps: float = 1e-6
     norm: str = "pre"
-    dropout: float = 0.0
+    dropout: float = 0.0  # on the residual branches and the feed-forward output
+    attn_dropout: float = 0.0  # on the attention probabilities (attention mixers), as nanoGPT's
     use_bias: bool = True
     tie_embeddings: bool = True
     init_std: float = 0.02
@@ -87,6 +88,8 @@ class ModelConfig:
              f"with model.offsets_per_layer=True, model.offsets needs one entry per layer "
              f"({self.num_layers}), got {len(self.offsets)}"),
             (0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}"),
+            (0.0 <= self.attn_dropout < 1.0,
+             f"model.attn_dropout must be in [0, 1), got {self.attn_dropout}"),
             (self.dtype in ("float32", "bfloat16"),
              f"model.dtype must be float32 or bfloat16, got {self.dtype!r}"),
         ]

@@ -54,9 +54,10 @@ class Mixer(nnx.Module):
     """
 
     def __call__(self, x: jax.Array, cache: dict | None = None, *,
-                 return_intermediates: bool = False):
+                 return_intermediates: bool = False, dropout_key: jax.Array | None = None):
         if cache is None:
-            y, intermediates = self.forward(x, return_intermediates=return_intermediates)
+            y, intermediates = self.forward(x, return_intermediates=return_intermediates,
+                                            dropout_key=dropout_key)
             return y, None, intermediates
         y, cache = self.decode(x, cache) if x.ndim == 2 else self.prefill(x, cache)
         return y, cache, None
@@ -67,16 +68,19 @@ class CausalSelfAttention(Mixer):
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.num_heads = cfg.num_heads
+        self.attn_dropout = cfg.attn_dropout
         self.qkv = dense(cfg, cfg.d_model, 3 * cfg.d_model, rngs=rngs)
         self.out = dense(cfg, cfg.d_model, cfg.d_model, rngs=rngs)
 
-    def forward(self, x: jax.Array, *, return_intermediates: bool = False):
+    def forward(self, x: jax.Array, *, return_intermediates: bool = False,
+                dropout_key: jax.Array | None = None):
         *lead, T, C = x.shape
         H = self.num_heads
         qkv = self.qkv(x).reshape(*lead, T, 3, H, C // H)  # (B, T, 3, H, D)
         q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
         if not return_intermediates:
-            y = F.scaled_dot_product_attention(q, k, v, causal=True)  # (B, T, H, D)
+            y = F.scaled_dot_product_attention(q, k, v, causal=True, dropout_rate=self.attn_dropout,
+                                               dropout_key=dropout_key)  # (B, T, H, D)
             return self.out(y.reshape(*lead, T, C)), None
         y, weights = F.scaled_dot_product_attention(q, k, v, causal=True, return_weights=True)
         logits = F.attention_logits(q, k)  # (B, H, T, T), recomputed only on this statistics path
@@ -171,7 +175,7 @@ class CausalGrassmannMixing(Mixer):
     def _project(self, y):
         return y if self.out is None else self.out(y)
 
-    def forward(self, x: jax.Array, *, return_intermediates: bool = False):
+    def forward(self, x: jax.Array, *, return_intermediates: bool = False, dropout_key=None):
         result = F.grassmann_mix(x.astype(self.dtype), self.weights(), offsets=self.offsets,
                                  eps=self.eps, return_intermediates=return_intermediates)
         y, intermediates = result if return_intermediates else (result, None)
@@ -214,8 +218,9 @@ class SlidingWindowAttention(CausalSelfAttention):
     def __init__(self, cfg: ModelConfig, window: int, *, rngs: nnx.Rngs):
         super().__init__(cfg, rngs=rngs)
         self.window = int(window)
+        self.attn_dropout = 0.0  # a control at the CPU recipe: no dropout on its probabilities
 
-    def forward(self, x: jax.Array, *, return_intermediates: bool = False):
+    def forward(self, x: jax.Array, *, return_intermediates: bool = False, dropout_key=None):
         *lead, T, C = x.shape
         q, k, v = self._split_qkv(x)  # (B, T, H, D)
         return self.out(F.sliding_window_attention(q, k, v, window=self.window)
@@ -267,7 +272,7 @@ class CausalConvMixing(Mixer):
         bias = None if self.bias is None else self.bias[...].astype(self.dtype)
         return self.kernel[...].astype(self.dtype), bias
 
-    def forward(self, x: jax.Array, *, return_intermediates: bool = False):
+    def forward(self, x: jax.Array, *, return_intermediates: bool = False, dropout_key=None):
         kernel, bias = self._weights()
         return self.out(F.causal_depthwise_conv(x.astype(self.dtype), kernel=kernel,
                                                 bias=bias)), None
@@ -304,6 +309,11 @@ class FeedForward(nnx.Module):
                             rngs=rngs)
 
 
+def _drops_attention(mixer) -> bool:
+    """Whether `mixer` drops attention probabilities out."""
+    return getattr(mixer, "attn_dropout", 0.0) > 0
+
+
 class Block(nnx.Module):
     """One layer: a time mixer (attention, Grassmann or a local control) and a feed-forward,
     pre- or post-norm."""
@@ -334,7 +344,11 @@ class Block(nnx.Module):
         """
         drop = lambda y: self.dropout(y, deterministic=deterministic, rngs=rngs)
         ffn = lambda y: self.ffn(y, deterministic=deterministic, rngs=rngs)
-        mix = lambda h: self.mixer(h, cache, return_intermediates=return_intermediates)
+        # The attention probabilities' dropout draws its own key (only where it is on: the others'
+        # keys, and so every run without it, are as before).
+        key = rngs.dropout() if not deterministic and rngs is not None and _drops_attention(self.mixer) \
+            else None
+        mix = lambda h: self.mixer(h, cache, return_intermediates=return_intermediates, dropout_key=key)
         if self.norm_placement == "pre":
             m, cache, inter = mix(self.norm1(x))
             x = x + drop(m)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import math
 
 import ml_collections
 
@@ -110,7 +111,11 @@ def _parse_value(text: str, current, key: str):
         if isinstance(current, int):
             return int(text)
         if isinstance(current, float):
-            return float(text)
+            value = float(text)
+            if not math.isfinite(value):  # nan passes every range check, and inf most
+                raise ConfigError(f"--config.{key}={text!r}: expected a finite number (current value "
+                                  f"{current!r})")
+            return value
         if isinstance(current, str):
             return text
         if isinstance(current, (tuple, list)) and current and isinstance(current[0], str):
@@ -126,6 +131,8 @@ def _parse_value(text: str, current, key: str):
             if current and not all(isinstance(v, type(current[0])) for v in value):
                 raise ValueError
             return value
+    except ConfigError:
+        raise
     except (ValueError, SyntaxError):
         pass
     example = {bool: "True or False", int: "an integer", float: "a number", tuple: "a comma-separated list, e.g. 1,2,4",
@@ -181,6 +188,7 @@ POSITIVE, NON_NEGATIVE, UNIT_OPEN = Range(1), Range(0), Range(0, 1, lo_open=True
 RANGES: dict[str, Range] = {
     "model.num_layers": POSITIVE, "model.d_model": POSITIVE, "model.num_heads": POSITIVE, "model.d_ff": POSITIVE,
     "model.rank": Range(2), "model.grassmann_eps": Range(0, lo_open=True), "model.dropout": Range(0, 1, hi_open=True),
+    "model.attn_dropout": Range(0, 1, hi_open=True),
     "model.init_std": Range(0, lo_open=True),
     "data.block_size": POSITIVE, "data.val_fraction": UNIT_OPEN, "data.vocab_size": Range(16, 65536),
     "train.seed": NON_NEGATIVE, "train.steps": POSITIVE, "train.epochs": NON_NEGATIVE, "train.stop_after": NON_NEGATIVE,
@@ -223,6 +231,8 @@ def check_ranges(cfg: ml_collections.ConfigDict, where: str = "", ranges: dict[s
         value = _lookup(cfg, key)
         if value is None or isinstance(value, bool):
             continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{where}--config.{key}={value} is not a finite number; allowed: {allowed}")
         if not allowed.contains(value):
             raise ConfigError(f"{where}--config.{key}={value} is out of range; allowed: {allowed}")
 

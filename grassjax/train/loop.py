@@ -11,8 +11,11 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import signal
+import socket
+import sys
 import tempfile
 import threading
 import time
@@ -20,15 +23,17 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from grassjax.compiled import compiled_flops, compiled_memory_bytes
 from grassjax.runlog import RunLogger
 from grassjax.train.evaluator import Evaluator
+from grassjax.train.parallel import lost_peer_exit, peer_lost
 from grassjax.train.resume import NonFiniteLossError, Run, finished_result, open_run
 from grassjax.train.workdir import WorkdirError, WorkdirLock, describe_os_error, prepare_workdir
 
-__all__ = ["NonFiniteLossError", "StopRequested", "TrainResult", "train"]
+__all__ = ["AbortRequested", "NonFiniteLossError", "StopRequested", "TrainResult", "train"]
 
 
 class StopRequested(KeyboardInterrupt):
@@ -39,37 +44,86 @@ class StopRequested(KeyboardInterrupt):
         self.exit_code = 128 + signum
 
 
+class AbortRequested(KeyboardInterrupt):
+    """A second SIGINT or SIGTERM: stop at once, without saving; exit_code is 128 + the signal."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum
+
+
 class StopRequest:
     """Turns the first SIGINT (Ctrl-C) or SIGTERM (Slurm, Kubernetes, preemption) into a request to
-    stop after the current step and save; a second signal interrupts at once.
+    stop after the current step and save; a second one aborts at once (AbortRequested).
 
     The step and any checkpoint being written are allowed to finish, so the saved state is consistent.
+    Where the main thread cannot take the second signal (it waits inside a collective of a peer that is
+    gone), a watchdog thread, woken by Python's signal wakeup fd, ends the process after ABORT_GRACE_S
+    (`on_abort` first: removing half-written checkpoints).
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    ABORT_GRACE_S = 5.0
 
-    def __init__(self, print_fn):
+    def __init__(self, print_fn, on_abort: Callable[[], None] | None = None):
         self.requested = False
+        self.received = 0
+        self.aborting = False
         self.signum = signal.SIGINT
-        self.print_fn = print_fn
-        self.previous = {}
+        self.print_fn, self.on_abort = print_fn, on_abort
+        self.previous, self._wakeup = {}, None
 
     def _handle(self, signum, frame):
-        if self.requested:
-            raise KeyboardInterrupt
+        self.received += 1  # this process's own signals: a stop agreed with another process is not one
+        if self.received > 1:
+            self.aborting = True
+            raise AbortRequested(signum)
+        if self.requested:  # another process's signal already stops this one: nothing more to say
+            return
         self.requested, self.signum = True, signum
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         self.print_fn(f"{name}: stopping after this step and saving a checkpoint (send it again to "
                       f"abort at once)")
 
+    def _watch(self, reader: socket.socket) -> None:
+        seen = 0
+        while True:
+            try:
+                data = reader.recv(64)
+            except OSError:
+                return
+            if not data:
+                return
+            seen += sum(1 for b in data if b in self.SIGNALS)
+            if seen >= 2:
+                time.sleep(self.ABORT_GRACE_S)
+                if self.aborting:  # the main thread took it: it is unwinding
+                    return
+                if self.on_abort is not None:
+                    with contextlib.suppress(Exception):
+                        self.on_abort()
+                signum = data[-1] if data[-1] in self.SIGNALS else signal.SIGTERM
+                print(f"launch.py: error: aborted by a second {signal.Signals(signum).name} while waiting on "
+                      f"another process; nothing was saved", file=sys.__stderr__, flush=True)
+                os._exit(128 + signum)
+
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+            reader, writer = socket.socketpair()
+            writer.setblocking(False)
+            self._wakeup = (reader, writer, signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False))
+            threading.Thread(target=self._watch, args=(reader,), name="grassjax-abort", daemon=True).start()
         return self
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+        if self._wakeup is not None:
+            reader, writer, previous_fd = self._wakeup
+            signal.set_wakeup_fd(previous_fd)
+            writer.close()
+            reader.close()
         return False
 
 
@@ -137,14 +191,32 @@ def train(config, *, workdir: str | pathlib.Path, exp_name: str = "run", data_di
         stop = stack.enter_context(StopRequest(print_fn))
         log_dir = workdir if is_main else \
             pathlib.Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="grassjax-")))
+        run = loop = None
         try:
             run = open_run(config, workdir, data_dir, print_fn)
+            stop.on_abort = run.checkpointer.remove_temporary
             loop = RunLoop(run, exp_name=exp_name, wandb_mode=wandb_mode, print_fn=print_fn, stop=stop,
                            log_dir=log_dir, on_eval=on_eval)
             return loop.execute()
         except OSError as err:  # a write before the loop (vocab.json, run_config.json, the logs)
             raise WorkdirError(f"cannot write in {workdir} ({describe_os_error(err)}); free space or "
                                f"pass another --workdir", exit_code=1) from None
+        except BaseException as err:
+            _end_abnormally(err, run, loop, stack)
+            raise
+
+
+def _end_abnormally(err: BaseException, run: Run | None, loop: "RunLoop | None", stack) -> None:
+    """After an abort, remove half-written checkpoints; after losing a peer process, say so in one line and
+    end the process (it returns only for the errors that are raised on as they are)."""
+    if run is None:
+        return
+    if isinstance(err, AbortRequested):
+        run.checkpointer.remove_temporary()
+    elif isinstance(err, Exception) and peer_lost(err):
+        run.checkpointer.remove_temporary()
+        stack.close()  # the lock, before the exit that skips the rest
+        lost_peer_exit(loop.step if loop is not None else int(run.state.step), run.kept_message(), err)
 
 
 class RunLoop:
@@ -182,7 +254,7 @@ class RunLoop:
                 self.clock = TrainClock(self.run.elapsed_s)  # step times are windows of this clock
                 self._train_steps(compiled[0])
                 train_time = self.clock.elapsed()
-                if self.stop.requested:
+                if self._stop_agreed():
                     self._stop_and_save(train_time)
                 result = self._finish(run_start, train_time, compiled, finished)
         except OSError as err:  # a full or read-only disk mid-run (metrics, images, W&B files)
@@ -203,7 +275,7 @@ class RunLoop:
         their cadences."""
         tc, run, setup = self.tc, self.run, self.setup
         window_elapsed, window_step = self.clock.elapsed(), self.step
-        while self.step < self.stop_at and not self.stop.requested:
+        while self.step < self.stop_at and not self._stop_agreed():
             self.state, self.metrics = train_step(self.state, *setup.batch_at(self.step), setup.hparams)
             self.step += 1
             step = self.step
@@ -231,12 +303,30 @@ class RunLoop:
                         self.logger.log({"perf/elapsed_s": self.clock.elapsed()}, step=step)
                     run.checkpointer.save(self.state)
 
+    def _stop_agreed(self) -> bool:
+        """Whether to stop now. With several processes, one that got the signal stops every one at the same
+        step (the signals are reduced over processes), so that all of them save together."""
+        if jax.process_count() == 1:
+            return self.stop.requested
+        mine = self.stop.signum if self.stop.requested else 0
+        signals = np.asarray(multihost_utils.process_allgather(np.asarray(mine, np.int32))).reshape(-1)
+        if signals.max() > 0 and not self.stop.requested:  # another process got it: stop as it does
+            sender = int(np.argmax(signals > 0))
+            self.stop.requested, self.stop.signum = True, int(signals.max())
+            self.print_fn(f"process {sender} got {signal.Signals(self.stop.signum).name}: stopping after this "
+                          f"step and saving a checkpoint")
+        return bool(signals.max() > 0)
+
     def _evaluate(self) -> str:
-        """Losses, sample and statistics at this step, off the training clock; returns the sample."""
+        """Losses, sample and statistics at this step, off the training clock; the state is saved as the
+        best when its val loss is the lowest so far. Returns the sample."""
         with self.clock.paused():
             t0 = time.perf_counter()
             metrics, text = self.evaluator.evaluate(self.state.params, self.step, self.logger,
                                                     {"perf/elapsed_s": self.clock.elapsed()})
+            if metrics["val/loss"] < self.run.best_val_loss and self.run.checkpointer.best_step() != self.step:
+                self.run.checkpointer.save_best(self.state, metrics["val/loss"])
+                self.run.best_val_loss = metrics["val/loss"]
             self.logger.log({"perf/eval_s": time.perf_counter() - t0}, step=self.step)
         self.history.append({"step": self.step, **metrics})
         if self.is_main:  # progress.write prints even where the bar is disabled

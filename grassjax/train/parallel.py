@@ -84,7 +84,8 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
     def connect():
         try:
             jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                                       process_id=process_id, initialization_timeout=timeout_s + 60)
+                                       process_id=process_id, initialization_timeout=timeout_s + 60,
+                                       heartbeat_timeout_seconds=max(10, timeout_s))
         except Exception as err:  # noqa: BLE001 - XlaRuntimeError and friends
             errors.append(err)
         finally:
@@ -107,6 +108,34 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
                                f"({type(errors[0]).__name__}: {str(errors[0]).splitlines()[0][:200]})")
     with _quiet_stdout():  # gloo prints "[Gloo] Rank i is connected..." from C++ on its first collective
         multihost_utils.process_allgather(np.zeros((), np.int32))
+
+
+PEER_LOST_MARKERS = ("Connection closed by peer", "Connection reset by peer", "heartbeat", "Gloo",
+                     "coordination service", "UNAVAILABLE")
+
+
+def peer_lost(err: BaseException) -> bool:
+    """Whether `err` is a collective that failed because another process of a multi-process run is gone."""
+    if jax.process_count() == 1:
+        return False
+    seen = err
+    while seen is not None:
+        if any(marker in str(seen) for marker in PEER_LOST_MARKERS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def lost_peer_exit(step: int, kept: str, err: BaseException) -> None:
+    """One line naming the lost process and the kept checkpoint, then end this process at once: a normal
+    exit would wait in jax.distributed's shutdown barrier for the dead peer, then abort."""
+    others = [i for i in range(jax.process_count()) if i != jax.process_index()]
+    who = f"process {others[0]}" if len(others) == 1 else f"one of processes {others}"
+    reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+    print(f"launch.py: error: process {jax.process_index()} lost contact with {who} at step {step} ({reason}); "
+          f"{kept}; restart every process with the same command to resume", file=sys.__stderr__, flush=True)
+    sys.stdout.flush()
+    os._exit(1)
 
 
 def _reachable(host: str, port: int) -> bool:

@@ -11,10 +11,10 @@ import pathlib
 import jax
 
 from grassjax.runlog import rewind_metrics
-from grassjax.train.checkpoint import Checkpointer
+from grassjax.train.checkpoint import CORRUPT_DIR, CheckpointMismatchError, Checkpointer
 from grassjax.train.setup import TrainingSetup
 from grassjax.train.step import TrainState
-from grassjax.train.workdir import check_resume
+from grassjax.train.workdir import WorkdirError, check_resume, check_vocab, save_run_config
 
 
 class NonFiniteLossError(RuntimeError):
@@ -31,6 +31,7 @@ class Run:
     state: TrainState  # restored from the newest good checkpoint, else the setup's step 0
     history: list[dict]  # the evaluations logged before state.step (a resumed run)
     elapsed_s: float  # training seconds before state.step (perf/elapsed_s of a resumed run)
+    best_val_loss: float = math.inf  # the val loss of checkpoints-best/, the bar for the next best
 
     @property
     def config(self):
@@ -53,24 +54,42 @@ class Run:
 
 
 def open_run(config, workdir: pathlib.Path, data_dir: str | None, print_fn) -> Run:
-    """Build the setup, check the workdir's run against it, and restore it."""
+    """Build the setup, check the workdir's run against it and restore it; only then write into it.
+
+    A refusal (another config, another text, a model of another shape) leaves every file as it was.
+    """
     setup = TrainingSetup.build(config, data_dir)
     config, is_main = setup.config, jax.process_index() == 0
-    if is_main:
-        (workdir / "vocab.json").write_text(json.dumps(setup.dataset.vocab.to_dict()))
     checkpointer = Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
     has_checkpoint = checkpointer.latest_step() is not None
-    # Refuse a workdir written by another config before touching its checkpoints.
-    check_resume(workdir, config.to_dict(), has_checkpoint=has_checkpoint, write=is_main,
-                 print_fn=print_fn)
-    state = setup.state
+    vocab = setup.dataset.vocab.to_dict()
+    check_resume(workdir, config.to_dict(), has_checkpoint=has_checkpoint, print_fn=print_fn)
+    state, best_loss = setup.state, math.inf
     if has_checkpoint:
-        state = checkpointer.restore_newest_good(state, print_fn)
+        check_vocab(workdir, vocab)
+        try:
+            state = checkpointer.restore_newest_good(state, print_fn)
+        except CheckpointMismatchError as err:
+            raise WorkdirError(f"{err}: it was trained with another config; rerun with the settings it was "
+                               f"trained with, pass another --workdir, or --restart to move the old run "
+                               f"aside and start over") from None
         print_fn(f"Resuming from step {int(state.step)} in {checkpointer.directory}")
+    # The run is this command's now.
+    step = int(state.step)
+    checkpointer.remove_temporary()  # a half-written checkpoint of an aborted save
+    checkpointer.drop_best_after(step)
+    if checkpointer.best_step() is not None:
+        try:
+            best_loss = checkpointer.best_val_loss()
+        except WorkdirError as err:
+            print_fn(f"Warning: {err}; moved to {workdir / CORRUPT_DIR}, the next improvement saves a new one")
+            checkpointer.move_best_aside()
+    if is_main:
+        save_run_config(workdir, config.to_dict(), vocab)
     # Forget what a crashed run logged past its last checkpoint; recover the evals and the clock before it.
-    records = rewind_metrics(workdir / "metrics.jsonl", int(state.step))
+    records = rewind_metrics(workdir / "metrics.jsonl", step)
     elapsed = max((r["perf/elapsed_s"] for r in records if "perf/elapsed_s" in r), default=0.0)
-    return Run(setup, workdir, checkpointer, state, [r for r in records if "val/loss" in r], elapsed)
+    return Run(setup, workdir, checkpointer, state, [r for r in records if "val/loss" in r], elapsed, best_loss)
 
 
 def finished_result(workdir: pathlib.Path, step: int) -> dict | None:

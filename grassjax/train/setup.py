@@ -18,6 +18,7 @@ from grassjax.nn import ModelConfig, build_model, param_counts
 from grassjax.train.optim import TrainHparams, hparams_schedule, train_hparams
 from grassjax.train.parallel import batch_layout, make_mesh, replicate, shard_global_batch
 from grassjax.train.step import TrainState, init_train_state, make_train_step
+from grassjax.train.workdir import describe_os_error
 
 
 def model_config_from(config, vocab_size: int) -> ModelConfig:
@@ -48,7 +49,12 @@ class TrainingSetup:
         tc = config.train
         mesh = make_mesh()
         layout = batch_layout(tc)  # fails early, naming the keys, if the batch does not split
-        dataset = data.load_dataset(config.data, data_dir)
+        try:
+            dataset = data.load_dataset(config.data, data_dir)
+        except OSError as err:  # an unreadable file: a data problem, not the workdir's
+            raise data.DataError(f"the data could not be read or cached ({describe_os_error(err)}); make it "
+                                 f"readable, or pass --data_dir=DIR (or GRASSJAX_DATA_DIR) of a readable "
+                                 f"copy") from None
         if tc.epochs > 0:  # the paper's budgets are in epochs: turn them into optimizer steps
             config = ml_collections.ConfigDict(config.to_dict())
             tokens_per_step = layout.global_batch * config.data.block_size
@@ -59,7 +65,7 @@ class TrainingSetup:
         graphdef, params = nnx.split(model, nnx.Param)
         hparams = train_hparams(tc)
         state = replicate(init_train_state(params, hparams), mesh)
-        train_step = make_train_step(graphdef, dropout=model_cfg.dropout,
+        train_step = make_train_step(graphdef, dropout=max(model_cfg.dropout, model_cfg.attn_dropout),
                                      grad_accum_steps=layout.grad_accum_steps)
         return cls(config, dataset, model_cfg, graphdef, param_counts(model), state,
                    replicate(hparams, mesh), hparams_schedule(hparams), train_step, layout, mesh)

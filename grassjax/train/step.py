@@ -37,7 +37,8 @@ def make_train_step(graphdef, *, dropout: float, grad_accum_steps: int = 1,
     compiled step serves every learning rate, schedule length and seed of a model and batch shape.
     `optimizer(hparams)` builds the update rule inside the step (AdamW by default; its state must come from
     the same function).
-    Dropout keys are fold_in(key(seed), step), so a resumed run draws the same masks.
+    `dropout` > 0 turns dropout on (the model's rates: model.dropout, model.attn_dropout); its keys are
+    fold_in(key(seed), step), so a resumed run draws the same masks.
     With grad_accum_steps = k > 1 the (B, T) batch is split into k microbatches
     (rows i, i+k, i+2k, ... -- so each stays spread over every device of a
     data-parallel mesh) whose gradients are averaged by a lax.scan: one

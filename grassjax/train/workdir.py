@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 LOCK_NAME = "lock"
 CONFIG_NAME = "run_config.json"
+VOCAB_NAME = "vocab.json"
 # Keys that may differ when a run is resumed: how long, how often, what is logged, and the optimizer's
 # settings (the NaN stop advises a lower learning rate and a rerun) -- never what the parameters are or
 # which data they see. Prefixes end with "."; every other key must match exactly.
@@ -129,32 +130,64 @@ def _resumable(key: str) -> bool:
 
 
 def config_differences(saved: dict, current: dict) -> tuple[list[str], list[str]]:
-    """(keys that must match but differ, resumable keys that differ), from two config dicts."""
+    """(keys that must match but differ, resumable keys that differ), from two config dicts. A key the
+    saved config lacks (added since it was written) counts as its default."""
+    from grassjax.train.config import default_config
+
+    defaults = flatten(default_config().to_dict())
     old, new = flatten(saved), flatten(current)
+    old.update({k: defaults[k] for k in new.keys() - old.keys() if k in defaults})
     differing = sorted(k for k in old.keys() | new.keys() if old.get(k, "<absent>") != new.get(k, "<absent>"))
     return [k for k in differing if not _resumable(k)], [k for k in differing if _resumable(k)]
 
 
-def check_resume(workdir: pathlib.Path, config: dict, *, has_checkpoint: bool, write: bool = True,
+def check_resume(workdir: pathlib.Path, config: dict, *, has_checkpoint: bool,
                  print_fn: Callable[[str], None] = print) -> None:
-    """Refuse to resume a workdir written by another config; save this config when starting afresh."""
+    """Refuse to resume a workdir written by another config (writes nothing; see save_run_config)."""
     path = workdir / CONFIG_NAME
-    if has_checkpoint and path.exists():
+    if not (has_checkpoint and path.exists()):
+        return
+    try:
         saved = json.loads(path.read_text())
-        refused, changed = config_differences(saved, config)
-        if refused:
-            old, new = flatten(saved), flatten(config)
-            diffs = ", ".join(f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in refused[:6])
-            more = f" (and {len(refused) - 6} more)" if len(refused) > 6 else ""
-            raise WorkdirError(f"{workdir} holds a run with another config ({diffs}{more}); pass another --workdir, "
-                               f"or --restart to move the old run aside and start over")
-        old, new = flatten(saved), flatten(config)
-        for key in (k for k in changed if k in OPTIMIZER_KEYS):  # allowed, but it changes the run mid-way: say so
-            print_fn(f"Note: {key} changed from {old.get(key)} to {new.get(key)} on resume: the learning-rate "
-                     f"schedule and optimizer use the new value from here on")
-    text = json.dumps(config, indent=1, sort_keys=True) + "\n"
-    if write and (not path.exists() or path.read_text() != text):  # the next resume compares against this run's values
-        path.write_text(text)
+    except (OSError, ValueError) as err:
+        raise WorkdirError(f"{path} is unreadable ({type(err).__name__}); pass another --workdir, or "
+                           f"--restart to move the old run aside and start over") from None
+    refused, changed = config_differences(saved, config)
+    old, new = flatten(saved), flatten(config)
+    if refused:
+        diffs = ", ".join(f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in refused[:6])
+        more = f" (and {len(refused) - 6} more)" if len(refused) > 6 else ""
+        raise WorkdirError(f"{workdir} holds a run with another config ({diffs}{more}); pass another "
+                           f"--workdir, or --restart to move the old run aside and start over")
+    for key in (k for k in changed if k in OPTIMIZER_KEYS):  # allowed, but it changes the run: say so
+        print_fn(f"Note: {key} changed from {old.get(key)} to {new.get(key)} on resume: the learning-rate "
+                 f"schedule and optimizer use the new value from here on")
+
+
+def check_vocab(workdir: pathlib.Path, vocab: dict) -> None:
+    """Refuse to resume a run trained on a text with another vocabulary (<workdir>/vocab.json)."""
+    path = workdir / VOCAB_NAME
+    if not path.exists():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return  # rewritten once the run is restored; the checkpoint's shapes were checked
+    if saved != vocab:
+        sizes = f": {len(saved['chars'])} characters, this text {len(vocab['chars'])}" \
+            if "chars" in saved and "chars" in vocab else ""
+        raise WorkdirError(f"{workdir} holds a run trained on another text (its {VOCAB_NAME} differs{sizes}); "
+                           f"pass the --data_dir it was trained on, another --workdir, or --restart to move "
+                           f"the old run aside and start over")
+
+
+def save_run_config(workdir: pathlib.Path, config: dict, vocab: dict) -> None:
+    """run_config.json and vocab.json: what the next resume, --mode=sample and load_run read."""
+    for name, value in ((CONFIG_NAME, config), (VOCAB_NAME, vocab)):
+        text = json.dumps(value, indent=1, sort_keys=True) + "\n" if name == CONFIG_NAME else json.dumps(value)
+        path = workdir / name
+        if not path.exists() or path.read_text() != text:
+            path.write_text(text)
 
 
 def move_aside(workdir: pathlib.Path, print_fn: Callable[[str], None] = print) -> pathlib.Path | None:
