@@ -1,9 +1,10 @@
-"""Run a named experiment: python launch.py --exp=grassmann_shakespeare [--config.train.steps=500 ...]
+"""Run a named experiment: python launch.py --exp=grassmann_shakespeare [--config.train.steps=500]
 
---list names the experiments. --config.<section>.<key>=V overrides any field of the experiment's config,
-type-checked (sections: model, data, train, stats, wandb; comparisons add arms and compare, benchmarks bench,
-the learning-rate search tune); --print_config shows the resolved config. --mode=sample and --mode=evaluate
-use a trained run's workdir (README, "Using a trained run").
+--list names the experiments. --config.<section>.<key>=V overrides any field of the experiment's
+config, type-checked (sections: model, data, train, stats, wandb; comparisons add arms and compare,
+benchmarks bench, the learning-rate search tune); --print_config shows the resolved config.
+--mode=sample and --mode=evaluate use a trained run's workdir (docs/running.md, "Using a trained
+run"). The flags are listed in docs/running.md, "Flags".
 """
 
 from __future__ import annotations
@@ -18,14 +19,18 @@ import experiments
 FLAGS = flags.FLAGS
 flags.DEFINE_string("exp", None, "Experiment name; see --list.")
 flags.DEFINE_bool("list", False, "List the experiments, one line each, and exit.")
-flags.DEFINE_string("workdir", None, "Run directory (default: runs/<exp>). A rerun with the same one resumes.")
-flags.DEFINE_string("data_dir", None, "Folder containing tinyshakespeare/input.txt (else $GRASSJAX_DATA_DIR).")
-flags.DEFINE_enum("wandb_mode", "auto", ["auto", "online", "offline", "disabled"], "Weights & Biases mode.")
+flags.DEFINE_string("workdir", None,
+                    "Run directory (default: runs/<exp>). A rerun with the same one resumes.")
+flags.DEFINE_string("data_dir", None,
+                    "Folder containing tinyshakespeare/input.txt (else $GRASSJAX_DATA_DIR).")
+flags.DEFINE_enum("wandb_mode", "auto", ["auto", "online", "offline", "disabled"],
+                  "Weights & Biases mode.")
 flags.DEFINE_bool("print_config", False, "Print the resolved config and exit.")
-flags.DEFINE_bool("restart", False, "Move an existing --workdir aside (renamed <workdir>.previous-<time>) and "
-                  "start over instead of resuming.")
+flags.DEFINE_bool("restart", False, "Move an existing --workdir aside (renamed "
+                  "<workdir>.previous-<time>) and start over instead of resuming.")
 flags.DEFINE_enum("mode", "train", ["train", "sample", "evaluate"],
-                  "train; sample from the workdir's newest checkpoint; or evaluate it over a whole split.")
+                  "train; sample from the workdir's best checkpoint (by default; see "
+                  "--checkpoint); or evaluate it over a whole split.")
 flags.DEFINE_string("prompt", "\n", "--mode=sample: the text to continue.")
 flags.DEFINE_integer("num_tokens", 500, "--mode=sample: tokens to generate per sample.")
 flags.DEFINE_float("temperature", 0.8, "--mode=sample: softmax temperature (0 = greedy).")
@@ -33,20 +38,26 @@ flags.DEFINE_integer("top_k", 0, "--mode=sample: sample among the k most likely 
 flags.DEFINE_integer("num_samples", 1, "--mode=sample: how many samples.")
 flags.DEFINE_integer("seed", 0, "--mode=sample: random seed.")
 flags.DEFINE_string("split", "val", "--mode=evaluate: train, val (or test on WikiText-2).")
-flags.DEFINE_string("checkpoint", None, "--mode=sample/evaluate: best (the default where the run kept one), "
-                    "latest, or a step number.")
-flags.DEFINE_integer("stride", 0, "--mode=evaluate: window stride in tokens (0 = block size: non-overlapping).")
+flags.DEFINE_string("checkpoint", None, "--mode=sample/evaluate: best (the default where the run "
+                    "kept one), latest, or a step number.")
+flags.DEFINE_integer("stride", 0, "--mode=evaluate: window stride in tokens (0 = block size: "
+                     "non-overlapping).")
 flags.DEFINE_string("compile_cache", os.path.join("~", ".cache", "grassjax", "xla"),
-                    "Folder that keeps compiled XLA programs for later runs: a rerun, a resumed run or a tuning trial "
-                    "at another learning rate compiles in seconds. '' turns it off; $JAX_COMPILATION_CACHE_DIR "
-                    "wins where set. Benchmarks do not use it (they measure compilation).")
+                    "Folder that keeps compiled XLA programs for later runs: a rerun, a resumed "
+                    "run or a tuning trial at another learning rate compiles in seconds. '' turns "
+                    "it off; $JAX_COMPILATION_CACHE_DIR wins where set. Benchmarks do not use it "
+                    "(they measure compilation).")
 flags.DEFINE_bool("reuse_host_memory", True,
-                  "Let glibc keep freed memory for the next step instead of returning it to the OS after every step "
-                  "(grassjax.host): otherwise XLA:CPU steps page-fault their temporaries anew, up to 1.6x slower.")
-flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0 (enables jax.distributed).")
+                  "Let glibc keep freed memory for the next step instead of returning it to the OS "
+                  "after every step (grassjax.host): otherwise XLA:CPU steps page-fault their "
+                  "temporaries anew, which is much slower (PERFORMANCE.md).")
+flags.DEFINE_string("coordinator_address", None,
+                    "Multi-host: host:port of process 0 (enables jax.distributed).")
 flags.DEFINE_integer("num_processes", None, "Multi-host: total number of processes.")
-flags.DEFINE_integer("process_id", None, "Multi-host: index of this process (0 logs and writes checkpoints).")
-flags.DEFINE_integer("distributed_timeout", 60, "Multi-host: seconds to wait for every process to join.")
+flags.DEFINE_integer("process_id", None,
+                     "Multi-host: index of this process (0 logs and writes checkpoints).")
+flags.DEFINE_integer("distributed_timeout", 60,
+                     "Multi-host: seconds to wait for every process to join.")
 
 def fail(message: str, code: int = 2):
     """One line on stderr, no traceback."""
@@ -55,8 +66,8 @@ def fail(message: str, code: int = 2):
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-    """absl parses the ordinary flags; main takes the --config.* overrides (split_overrides) once the
-    experiment, and so the config they are checked against, is known."""
+    """absl parses the ordinary flags; main takes the --config.* overrides (split_overrides) once
+    the experiment, and so the config they are checked against, is known."""
     from grassjax.train.config import ConfigError, split_overrides
 
     try:
@@ -70,10 +81,12 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 def use_compile_cache(folder: str, exp_name: str | None) -> None:
-    """JAX's persistent compilation cache in `folder` (see --compile_cache). Programs are keyed by their HLO, the
-    JAX version and the flags, so a stale entry is never used; XLA:CPU refuses one built for another CPU."""
+    """JAX's persistent compilation cache in `folder` (see --compile_cache). Programs are keyed by
+    their HLO, the JAX version and the flags, so a stale entry is never used; XLA:CPU refuses one
+    built for another CPU."""
     experiment = experiments.EXPERIMENTS.get(exp_name)
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or not folder or (experiment and experiment.measures_compilation):
+    if (os.environ.get("JAX_COMPILATION_CACHE_DIR") or not folder
+            or (experiment and experiment.measures_compilation)):
         return
     folder = os.path.expanduser(folder)
     try:
@@ -91,16 +104,18 @@ def use_compile_cache(folder: str, exp_name: str | None) -> None:
 
 
 def use_trained_run(mode: str, workdir: str):
-    """--mode=sample / --mode=evaluate: the run's own config (run_config.json) is used, not --config.*."""
+    """--mode=sample / --mode=evaluate: the run's own config (run_config.json) is used, not
+    --config.*."""
     from grassjax import inference
 
     if mode == "sample":
         inference.sample_run(workdir, prompt=FLAGS.prompt, num_tokens=FLAGS.num_tokens,
-                             temperature=FLAGS.temperature, top_k=FLAGS.top_k, num_samples=FLAGS.num_samples,
-                             seed=FLAGS.seed, checkpoint=FLAGS.checkpoint)
+                             temperature=FLAGS.temperature, top_k=FLAGS.top_k,
+                             num_samples=FLAGS.num_samples, seed=FLAGS.seed,
+                             checkpoint=FLAGS.checkpoint)
     else:
-        inference.evaluate_run(workdir, data_dir=FLAGS.data_dir, split=FLAGS.split, stride=FLAGS.stride,
-                               checkpoint=FLAGS.checkpoint)
+        inference.evaluate_run(workdir, data_dir=FLAGS.data_dir, split=FLAGS.split,
+                               stride=FLAGS.stride, checkpoint=FLAGS.checkpoint)
 
 
 def main(argv):
@@ -108,9 +123,11 @@ def main(argv):
     if FLAGS.reuse_host_memory:
         from grassjax.host import keep_freed_memory
 
-        keep_freed_memory()  # before the first step allocates: a no-op where the C library is not glibc
+        # before the first step allocates: a no-op where the C library is not glibc
+        keep_freed_memory()
     if len(argv) > 1:
-        fail(f"unexpected arguments {argv[1:]}; flags look like --exp=NAME or --config.train.steps=100")
+        fail(f"unexpected arguments {argv[1:]}; flags look like --exp=NAME or "
+             f"--config.train.steps=100")
     if FLAGS.list:
         width = max(map(len, experiments.EXPERIMENTS))
         for exp in experiments.EXPERIMENTS.values():
@@ -154,7 +171,8 @@ def main(argv):
         fail(str(err), code=err.exit_code)
     except NonFiniteLossError as err:
         fail(str(err), code=1)
-    except KeyboardInterrupt as err:  # saved and stopped (StopRequested: 130 for SIGINT, 143 for SIGTERM)
+    # saved and stopped (StopRequested: 130 for SIGINT, 143 for SIGTERM)
+    except KeyboardInterrupt as err:
         sys.exit(getattr(err, "exit_code", 130))
 
 

@@ -31,7 +31,7 @@ class Experiment:
 
 # Runners whose results time compilation (see `run` for every runner).
 TIMING_RUNNERS = frozenset({"benchmark_scaling", "benchmark_generation", "benchmark_vs_pytorch",
-                            "profile"})
+                            "benchmark_end_to_end", "profile"})
 
 
 EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
@@ -87,6 +87,10 @@ EXPERIMENTS: dict[str, Experiment] = {e.name: e for e in [
     Experiment("benchmark_generation", "streaming decode tokens/s and cache memory vs context, up "
                "to 8k",
                benchmarks.benchmark_generation, runner="benchmark_generation"),
+    Experiment("benchmark_end_to_end", "the main command and transformer_shakespeare from start to "
+               "exit, split into phases, alternated with nanoGPT's train.py "
+               "(--config.bench.nanogpt_dir=PATH)", benchmarks.benchmark_end_to_end,
+               runner="benchmark_end_to_end"),
     Experiment("paper_wikitext2_transformer_6l", "paper setting: Transformer, 6 layers, block 128, "
                "WikiText-2",
                wikitext.paper_wikitext2_transformer_6l),
@@ -144,6 +148,7 @@ def run(name: str, overrides: dict[str, str] | None = None, *, workdir: str | No
     # only when used.
     from grassjax.baselines.runner import run_ngram_baselines
     from grassjax.bench.decoding import run_generation_benchmark
+    from grassjax.bench.end_to_end import run_end_to_end_benchmark
     from grassjax.bench.profile import run_profile
     from grassjax.bench.scaling import run_scaling_benchmark
     from grassjax.bench.vs_pytorch import run_vs_pytorch_benchmark
@@ -161,6 +166,7 @@ def run(name: str, overrides: dict[str, str] | None = None, *, workdir: str | No
                "benchmark_scaling": run_scaling_benchmark,
                "benchmark_generation": run_generation_benchmark,
                "benchmark_vs_pytorch": run_vs_pytorch_benchmark,
+               "benchmark_end_to_end": run_end_to_end_benchmark,
                "ngram": run_ngram_baselines, "tune": run_tuning, "profile": run_profile}
     return runners[experiment.runner](config, workdir=workdir, exp_name=name, data_dir=data_dir,
                                       wandb_mode=wandb_mode)

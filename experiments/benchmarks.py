@@ -9,6 +9,7 @@ top XLA ops; `benchmark_generation`: streaming decode vs context. Every knob is 
 import ml_collections
 
 from experiments import shakespeare
+from grassjax.bench.end_to_end import NANOGPT_CPU
 
 
 def _bench(**changes) -> ml_collections.ConfigDict:
@@ -189,4 +190,21 @@ def benchmark_generation() -> ml_collections.ConfigDict:
         seed=0,
     ))
     cfg.wandb.tags = ("benchmark", "generation")
+    return cfg
+
+
+def benchmark_end_to_end() -> ml_collections.ConfigDict:
+    """The main command and transformer_shakespeare from start to exit, as subprocesses from a fresh
+    HOME, an empty compile cache and a new workdir, split into phases; alternated with nanoGPT's own
+    train.py (its README's CPU command) where --config.bench.nanogpt_dir names a checkout."""
+    cfg = shakespeare.grassmann_shakespeare_paper()
+    cfg.bench = ml_collections.ConfigDict(dict(
+        commands=("grassmann_shakespeare", "transformer_shakespeare"),
+        rounds=4,
+        nanogpt_dir="",  # a clone of karpathy/nanoGPT; needs the torch extra
+        nanogpt_args=NANOGPT_CPU,
+        extra_flags=(),  # added to every grassjax command, e.g. --config.train.steps=100
+        timeout_s=1800.0,
+    ))
+    cfg.wandb.tags = ("benchmark", "end_to_end")
     return cfg

@@ -7,9 +7,9 @@ functional -> nn -> data, generation, runlog -> train -> inference, bench, basel
 __version__ = "0.1.0"
 
 
-def load_run(workdir):
-    """(model, vocab, config) of a training run's workdir, from its newest good checkpoint; see
-    grassjax.inference.load_run."""
+def load_run(workdir, checkpoint=None):
+    """(model, vocab, config) of a training run's workdir: its best checkpoint where it kept one
+    ("best"), else the newest good one ("latest"), or a step; see grassjax.inference.load_run."""
     from grassjax.inference import load_run as _load_run
 
-    return _load_run(workdir)
+    return _load_run(workdir, checkpoint=checkpoint)

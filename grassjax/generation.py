@@ -239,6 +239,47 @@ def stream_tokens(model, prompt_ids, key: jax.Array, *, num_tokens: int, tempera
             pos += 1
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_tokens", "temperature", "top_k"))
+def _sample_cached(graphdef, state, prompt, key, *, num_tokens, temperature, top_k):
+    model = nnx.merge(graphdef, state)
+    block, (B, P) = model.cfg.block_size, prompt.shape
+    half = block // 2
+    buf = jnp.zeros((B, P + num_tokens), jnp.int32).at[:, :P].set(prompt)
+    logits, caches = prefill(model, prompt, block)
+
+    def body(i, carry):  # draws the token at position P + i
+        buf, logits, caches, pos, key = carry
+        key, sub = jax.random.split(key)
+        token = sample_logits(logits, sub, temperature=temperature, top_k=top_k).astype(jnp.int32)
+        buf = buf.at[:, P + i].set(token)
+
+        def refill(_):  # the position embeddings end here: start again from the recent half
+            recent = jax.lax.dynamic_slice_in_dim(buf, P + i + 1 - half, half, axis=1)
+            return (*prefill(model, recent, block), jnp.int32(half))
+
+        def decode(_):
+            return (*decode_step(model, token, caches), pos + 1)
+
+        logits, caches, pos = jax.lax.cond(pos == block, refill, decode, None)
+        return buf, logits, caches, pos, key
+
+    carry = (buf, logits, caches, jnp.int32(P), key)
+    return jax.lax.fori_loop(0, num_tokens, body, carry)[0][:, P:]
+
+
+def sample_cached(model, prompt_ids, key: jax.Array, *, num_tokens: int, temperature: float = 1.0,
+                  top_k: int | None = None) -> jax.Array:
+    """The tokens `stream_tokens` yields, as one compiled program: (B, num_tokens) after (B, P).
+
+    For a sample during training: the cached decoder (constant cost per token), with the recent half
+    prefilled again whenever the cache fills up, for as many tokens as asked.
+    """
+    graphdef, state = nnx.split(model)
+    prompt = jnp.asarray(prompt_ids, jnp.int32)[:, -model.cfg.block_size:]
+    return _sample_cached(graphdef, state, prompt, key, num_tokens=int(num_tokens),
+                          temperature=float(temperature), top_k=top_k)
+
+
 def cache_bytes(model: nnx.Module, batch: int, context: int) -> int:
     """Bytes of generation state for `batch` texts of `context` tokens (all blocks; 0 for the
     bigram).

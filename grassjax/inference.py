@@ -1,8 +1,8 @@
 """Use a trained run: load it, sample from it as it decodes, evaluate it over a whole split.
 
     model, vocab, config = grassjax.load_run("runs/grassmann_shakespeare")
-    ids = grassjax.generation.generate_streaming(model, jnp.asarray([vocab.encode("ROMEO:")]), jax.random.key(0),
-                                               max_new_tokens=40)
+    ids = grassjax.generation.generate_streaming(model, jnp.asarray([vocab.encode("ROMEO:")]),
+                                                 jax.random.key(0), max_new_tokens=40)
     print(vocab.decode(ids[0]))
 
 `launch.py --mode=sample` and `--mode=evaluate` are thin wrappers around
@@ -35,11 +35,11 @@ class RunError(DataError):
 
 @dataclasses.dataclass
 class LoadedRun:
-    """A trained run: unpacks as `model, vocab, config`; `step` is the checkpoint's step, `choice` what
-    chose it ("best", "latest" or "step")."""
+    """A trained run: unpacks as `model, vocab, config`; `step` is the checkpoint's step, `choice`
+    what chose it ("best", "latest" or "step")."""
 
     model: nnx.Module
-    vocab: Any  # CharVocab or grassjax.wikitext.WordPieceVocab
+    vocab: Any  # CharVocab or grassjax.data.wikitext.WordPieceVocab
     config: ml_collections.ConfigDict
     step: int
     workdir: pathlib.Path
@@ -62,8 +62,8 @@ CHOICES = ("best", "latest")
 
 
 def parse_checkpoint(choice: str | int | None) -> str | int | None:
-    """--checkpoint=best|latest|STEP as "best", "latest", an int, or None (the default: best where one
-    exists); RunError for anything else."""
+    """--checkpoint=best|latest|STEP as "best", "latest", an int, or None (the default: best where
+    one exists); RunError for anything else."""
     if choice is None or isinstance(choice, int):
         return choice
     text = str(choice).strip().lower()
@@ -86,44 +86,52 @@ def _available(checkpointer) -> str:
 
 
 def _restore_choice(checkpointer, template, choice, print_fn):
-    """(state, choice made, why) for --checkpoint=`choice`; RunError naming what exists otherwise."""
+    """(state, choice made, why) for --checkpoint=`choice`; RunError naming what exists
+    otherwise."""
     from grassjax.train.workdir import WorkdirError
 
     best = checkpointer.best_step()
     where = checkpointer.workdir
     if choice == "best" and best is None:
-        raise RunError(f"--checkpoint=best: {where} has no best checkpoint (trained before best checkpoints "
-                       f"were kept, or never evaluated); available: {_available(checkpointer)}")
-    if isinstance(choice, int) and choice != best and choice not in checkpointer.all_steps():
-        raise RunError(f"--checkpoint={choice}: {where} has no checkpoint of step {choice}; available: "
+        raise RunError(f"--checkpoint=best: {where} has no best checkpoint (trained before best "
+                       f"checkpoints were kept, or never evaluated); available: "
                        f"{_available(checkpointer)}")
-    if choice == "best" or (choice is None and best is not None) or (isinstance(choice, int) and choice == best):
+    if isinstance(choice, int) and choice != best and choice not in checkpointer.all_steps():
+        raise RunError(f"--checkpoint={choice}: {where} has no checkpoint of step {choice}; "
+                       f"available: {_available(checkpointer)}")
+    if (choice == "best" or (choice is None and best is not None)
+            or (isinstance(choice, int) and choice == best)):
         try:
             loss = checkpointer.best_val_loss()
             state = checkpointer.restore(template, best, best=True)
         except Exception as err:  # noqa: BLE001 - a corrupt best, or orbax's own errors
-            reason = str(err) if isinstance(err, WorkdirError) else f"{type(err).__name__}: {err}".splitlines()[0]
+            reason = (str(err) if isinstance(err, WorkdirError)
+                      else f"{type(err).__name__}: {err}".splitlines()[0])
             if choice is not None:
-                raise RunError(f"--checkpoint={choice}: the best checkpoint (step {best}) cannot be read "
-                               f"({reason[:200]}); available: {_available(checkpointer)}") from None
-            print_fn(f"Warning: the best checkpoint (step {best}) cannot be read ({reason[:200]}); using the "
-                     f"newest instead")
+                raise RunError(f"--checkpoint={choice}: the best checkpoint (step {best}) cannot "
+                               f"be read ({reason[:200]}); available: "
+                               f"{_available(checkpointer)}") from None
+            print_fn(f"Warning: the best checkpoint (step {best}) cannot be read ({reason[:200]}); "
+                     f"using the newest instead")
         else:
-            return state, "best", f"the best checkpoint: val loss {loss:.4f}, the lowest of the run's " \
-                                  f"evaluations on sampled validation batches"
+            return state, "best", f"the best checkpoint: val loss {loss:.4f}, the lowest of the " \
+                                  f"run's evaluations on sampled validation batches"
     if isinstance(choice, int):
         return checkpointer.restore(template, choice), "step", f"--checkpoint={choice}"
     state = checkpointer.restore_newest_good(template, print_fn)
-    why = "--checkpoint=latest" if choice == "latest" else "the newest checkpoint (the run has no readable best)"
+    why = ("--checkpoint=latest" if choice == "latest"
+           else "the newest checkpoint (the run has no readable best)")
     return state, "latest", why
 
 
 def load_run(workdir: str | pathlib.Path, print_fn: Callable[[str], None] = print, *,
              checkpoint: str | int | None = None) -> LoadedRun:
-    """The model, vocabulary and resolved config of a training run's workdir, read without writing to it.
+    """The model, vocabulary and resolved config of a training run's workdir, read without writing
+    to it.
 
-    checkpoint: "best" (the state of the evaluation with the lowest val loss; the default where the run
-    kept one), "latest" (the newest good checkpoint), or a step number. One line says which was used.
+    checkpoint: "best" (the state of the evaluation with the lowest val loss; the default where the
+    run kept one), "latest" (the newest good checkpoint), or a step number. One line says which was
+    used.
     """
     from grassjax.train.checkpoint import CheckpointMismatchError, Checkpointer
     from grassjax.train.optim import train_hparams
@@ -139,18 +147,20 @@ def load_run(workdir: str | pathlib.Path, print_fn: Callable[[str], None] = prin
                        f"--workdir={workdir}) or pass the --workdir of a trained run")
     missing = [name for name in (CONFIG_NAME, "vocab.json") if not (workdir / name).exists()]
     if missing:
-        raise RunError(f"{workdir} has checkpoints but no {' or '.join(missing)} (written by training since "
-                       f"this version); resume the run once to write them")
+        raise RunError(f"{workdir} has checkpoints but no {' or '.join(missing)} (written by "
+                       f"training since this version); resume the run once to write them")
     config = ml_collections.ConfigDict(json.loads((workdir / CONFIG_NAME).read_text()))
     vocab = _load_vocab(workdir / "vocab.json")
     model = build_model(model_config_from(config, vocab.size), seed=config.train.seed)
-    template = init_train_state(nnx.state(model, nnx.Param), train_hparams(config.train))  # the saved structure
-    checkpointer = Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints, read_only=True)
+    # the saved structure
+    template = init_train_state(nnx.state(model, nnx.Param), train_hparams(config.train))
+    checkpointer = Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints,
+                                read_only=True)
     try:
         state, made, why = _restore_choice(checkpointer, template, choice, print_fn)
     except CheckpointMismatchError as err:
-        raise RunError(f"{err}, unlike its {CONFIG_NAME} and vocab.json; rerun its training command to "
-                       f"rewrite them, or pass the --workdir of another run") from None
+        raise RunError(f"{err}, unlike its {CONFIG_NAME} and vocab.json; rerun its training "
+                       f"command to rewrite them, or pass the --workdir of another run") from None
     except WorkdirError as err:
         raise RunError(str(err)) from None
     finally:
@@ -166,21 +176,23 @@ def encode_prompt(vocab, prompt: str) -> np.ndarray:
         unknown = sorted(set(prompt) - set(vocab.chars))
         if unknown:
             shown = ", ".join(repr(c) for c in unknown[:10])
-            raise RunError(f"--prompt has {len(unknown)} character(s) outside the run's {vocab.size}-character "
-                           f"vocabulary: {shown}; remove or replace them")
+            raise RunError(f"--prompt has {len(unknown)} character(s) outside the run's "
+                           f"{vocab.size}-character vocabulary: {shown}; remove or replace them")
     ids = vocab.encode(prompt)
     if len(ids) == 0:
-        raise RunError("--prompt encodes to no tokens; pass at least one character of the vocabulary")
+        raise RunError("--prompt encodes to no tokens; pass at least one character of the "
+                       "vocabulary")
     return np.asarray(ids, np.int32)
 
 
 def eval_windows(num_tokens: int, block_size: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, end, first scored target) of each window over a stream of num_tokens tokens.
 
-    Window [begin, end) is the model's input; it predicts tokens begin+1 .. end, of which only those from
-    `first` on are scored, so that every token after the first is scored exactly once (the sliding-window
-    method of Hugging Face's "Perplexity of fixed-length models"). stride = block_size gives
-    non-overlapping windows; a smaller stride gives each scored token more context, at more compute.
+    Window [begin, end) is the model's input; it predicts tokens begin+1 .. end, of which only those
+    from `first` on are scored, so that every token after the first is scored exactly once (the
+    sliding-window method of Hugging Face's "Perplexity of fixed-length models"). stride =
+    block_size gives non-overlapping windows; a smaller stride gives each scored token more context,
+    at more compute.
     """
     windows, scored_to = [], 0  # every target index <= scored_to is done
     for begin in range(0, num_tokens - 1, stride):
@@ -192,7 +204,8 @@ def eval_windows(num_tokens: int, block_size: int, stride: int) -> list[tuple[in
     return windows
 
 
-def evaluate_split(model, tokens: np.ndarray, *, stride: int | None = None, batch_size: int = 32) -> dict[str, Any]:
+def evaluate_split(model, tokens: np.ndarray, *, stride: int | None = None,
+                   batch_size: int = 32) -> dict[str, Any]:
     """Loss (nats/token), perplexity and bits per token of `model` over the whole token stream."""
     block = model.cfg.block_size
     stride = stride or block
@@ -219,27 +232,32 @@ def evaluate_split(model, tokens: np.ndarray, *, stride: int | None = None, batc
 
     total = 0.0
     for i in range(0, n, batch_size):
-        total += float(nll_sum(state, x[i:i + batch_size], y[i:i + batch_size], mask[i:i + batch_size]))
+        total += float(nll_sum(state, x[i:i + batch_size], y[i:i + batch_size],
+                               mask[i:i + batch_size]))
     count = int(mask.sum())
     loss = total / count
-    return dict(loss=loss, ppl=math.exp(loss), bits_per_token=loss / math.log(2), tokens_scored=count,
-                windows=len(windows), block_size=block, stride=stride)
+    return dict(loss=loss, ppl=math.exp(loss), bits_per_token=loss / math.log(2),
+                tokens_scored=count, windows=len(windows), block_size=block, stride=stride)
 
 
-def sample_run(workdir, *, prompt: str = "\n", num_tokens: int = 500, temperature: float = 0.8, top_k: int = 0,
-               num_samples: int = 1, seed: int = 0, checkpoint: str | int | None = None,
-               write: Callable[[str], None] | None = None, print_fn: Callable[[str], None] = print) -> list[str]:
-    """launch.py --mode=sample: print num_samples continuations of `prompt` as they decode; returns them."""
+def sample_run(workdir, *, prompt: str = "\n", num_tokens: int = 500, temperature: float = 0.8,
+               top_k: int = 0, num_samples: int = 1, seed: int = 0,
+               checkpoint: str | int | None = None, write: Callable[[str], None] | None = None,
+               print_fn: Callable[[str], None] = print) -> list[str]:
+    """launch.py --mode=sample: print num_samples continuations of `prompt` as they decode; returns
+    them."""
     import sys
     import time
 
-    if num_tokens < 1 or num_samples < 1 or not math.isfinite(temperature) or temperature < 0 or top_k < 0:
-        raise RunError(f"--num_tokens ({num_tokens}) and --num_samples ({num_samples}) must be >= 1, "
-                       f"--temperature ({temperature}) and --top_k ({top_k}) >= 0")
+    if (num_tokens < 1 or num_samples < 1 or not math.isfinite(temperature) or temperature < 0
+            or top_k < 0):
+        raise RunError(f"--num_tokens ({num_tokens}) and --num_samples ({num_samples}) must be "
+                       f">= 1, --temperature ({temperature}) and --top_k ({top_k}) >= 0")
     write = write or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
     run = load_run(workdir, print_fn, checkpoint=checkpoint)
     prompt_ids = encode_prompt(run.vocab, prompt)
-    streams_chars = isinstance(run.vocab, CharVocab)  # WordPiece pieces are only readable decoded together
+    # WordPiece pieces are only readable decoded together
+    streams_chars = isinstance(run.vocab, CharVocab)
     kind = "bigram table" if isinstance(run.model, BigramLanguageModel) else \
         {"attention": "KV cache", "grassmann": "Grassmann window"}[run.model.cfg.mixer]
     print_fn(f"{run.workdir} at step {run.step}: {num_samples} sample(s) of {num_tokens} tokens, "
@@ -249,8 +267,10 @@ def sample_run(workdir, *, prompt: str = "\n", num_tokens: int = 500, temperatur
         print_fn(f"--- sample {i + 1} ---")
         write(prompt)
         start, ids = time.perf_counter(), []
-        for token in stream_tokens(run.model, prompt_ids, jax.random.fold_in(jax.random.key(seed), i),
-                                   num_tokens=num_tokens, temperature=temperature, top_k=top_k or None):
+        for token in stream_tokens(run.model, prompt_ids,
+                                   jax.random.fold_in(jax.random.key(seed), i),
+                                   num_tokens=num_tokens, temperature=temperature,
+                                   top_k=top_k or None):
             ids.append(token)
             if streams_chars:
                 write(run.vocab.decode([token]))
@@ -261,12 +281,14 @@ def sample_run(workdir, *, prompt: str = "\n", num_tokens: int = 500, temperatur
             write(text)
         write("\n")
         texts.append(prompt + text)
-    print_fn(f"{produced} tokens in {elapsed:.2f}s: {produced / elapsed:,.0f} tokens/s (compilation included)")
+    print_fn(f"{produced} tokens in {elapsed:.2f}s: {produced / elapsed:,.0f} tokens/s "
+             f"(compilation included)")
     return texts
 
 
 def eval_file_name(split: str, checkpoint: str | int | None = None) -> str:
-    """eval-<split>.json for the default checkpoint; eval-<split>-latest.json, -best, -step<N> otherwise."""
+    """eval-<split>.json for the default checkpoint; eval-<split>-latest.json, -best, -step<N>
+    otherwise."""
     choice = parse_checkpoint(checkpoint)
     suffix = "" if choice is None else f"-step{choice}" if isinstance(choice, int) else f"-{choice}"
     return f"eval-{split}{suffix}.json"
@@ -276,22 +298,27 @@ def evaluate_run(workdir, *, data_dir: str | None = None, split: str = "val", st
                  checkpoint: str | int | None = None, quiet_choice: bool = False,
                  print_fn: Callable[[str], None] = print) -> dict[str, Any]:
     """launch.py --mode=evaluate: loss, perplexity, bits/token over the whole split, written to
-    eval-<split>.json (eval_file_name), the one file it writes; a workdir it cannot write is one line."""
+    eval-<split>.json (eval_file_name), the one file it writes; a workdir it cannot write is one
+    line."""
     from grassjax.data import load_dataset
 
     run = load_run(workdir, (lambda *_: None) if quiet_choice else print_fn, checkpoint=checkpoint)
     dataset = load_dataset(run.config.data, data_dir)
-    splits = {name: getattr(dataset, name) for name in ("train", "val", "test") if hasattr(dataset, name)}
+    splits = {name: getattr(dataset, name) for name in ("train", "val", "test")
+              if hasattr(dataset, name)}
     if split not in splits:
         raise RunError(f"--split={split!r} is not a split of {run.config.data.dataset}; valid: "
                        f"{', '.join(splits)}")
     result = evaluate_split(run.model, splits[split], stride=stride or None)
-    result = dict(split=split, step=run.step, checkpoint=run.choice, dataset=run.config.data.dataset, **result)
+    result = dict(split=split, step=run.step, checkpoint=run.choice,
+                  dataset=run.config.data.dataset, **result)
     unit = "char" if isinstance(run.vocab, CharVocab) else "token"
     rows = [("split", split), ("checkpoint step", f"{run.step} ({run.choice})"),
             ("tokens scored", f"{result['tokens_scored']:,}"),
-            ("windows", f"{result['windows']:,} of {result['block_size']}, stride {result['stride']}"),
-            (f"loss (nats/{unit})", f"{result['loss']:.4f}"), ("perplexity", f"{result['ppl']:.3f}"),
+            ("windows",
+             f"{result['windows']:,} of {result['block_size']}, stride {result['stride']}"),
+            (f"loss (nats/{unit})", f"{result['loss']:.4f}"),
+            ("perplexity", f"{result['ppl']:.3f}"),
             (f"bits/{unit}", f"{result['bits_per_token']:.4f}")]
     width = max(len(k) for k, _ in rows)
     print_fn("\n".join(f"{k:<{width}}  {v}" for k, v in rows))

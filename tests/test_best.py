@@ -167,3 +167,58 @@ def test_a_corrupt_best_is_said_and_the_newest_used(tmp_path, text_data_dir):
     assert any(l.startswith(f"Warning: the best checkpoint (step {best})") and "moved to" in l for l in out), out
     assert Checkpointer(workdir).best_step() > 20
     assert any(p.name.startswith(f"best-{best}-") for p in (workdir / "checkpoints-corrupt").iterdir())
+
+
+def test_a_comparison_reports_the_best_and_the_final_model_of_each_arm(tmp_path, text_data_dir):
+    import experiments
+
+    overrides = {**FAST, **{k.replace("__", "."): str(v) for k, v in RISING.items()}, "compare.seeds": "1",
+                 "compare.ngram_contexts": "()"}
+    result = experiments.run("compare_shakespeare", overrides, workdir=str(tmp_path / "cmp"),
+                             data_dir=str(text_data_dir), wandb_mode="disabled")
+    report = (tmp_path / "cmp" / "report" / "report.md").read_text()
+    assert "the best was selected on the validation batches" in report and "**Overfitting.**" in report
+    for row in result["rows"]:
+        run_dir = tmp_path / "cmp" / row["arm"] / "seed0"
+        losses = val_losses(run_dir)
+        assert row["checkpoint_step"] == min(losses, key=losses.get) < 40 and row["steps"] == 40
+        assert row["val_loss"] < row["final_val_loss"]  # the kept model, and what overfitting cost
+        assert f"| {row['val_loss']:.4f} ± 0.0000 | {row['checkpoint_step']:,.0f} |" in report
+        assert f"| {row['final_val_loss']:.4f} ± 0.0000 | 40 |" in report
+    import json
+
+    rows = json.loads((tmp_path / "cmp" / "report" / "summary.json").read_text())["rows"]
+    base = next(r for r in rows if r["arm"] == "transformer")["val_loss"]
+    grass = next(r for r in rows if r["arm"] == "grassmann")
+    assert grass["delta_loss"] == pytest.approx(grass["val_loss"] - base)  # gaps on the best checkpoints
+
+
+def test_the_best_and_the_final_checkpoint_reach_wandb_as_model_artifacts(tmp_path, text_data_dir):
+    from grassjax.runlog import offline
+
+    workdir = tmp_path / "run"
+    run = lambda **extra: experiments_run(workdir, text_data_dir, **extra)  # noqa: E731
+    run()
+    best = Checkpointer(workdir, read_only=True).best_step()
+    models = [a for a in offline.read_artifacts(workdir) if a["type"] == "model"]
+    run_id = (workdir / "wandb_run_id").read_text().strip()
+    # The best first: W&B gives each version it logs "latest" too, and moves it to the last one.
+    assert [(a["name"], a["metadata"]["step"]) for a in models] == [(f"model-{run_id}", best),
+                                                                   (f"model-{run_id}", 40)]
+    assert "best" in models[0]["aliases"] and models[1]["aliases"] == ["latest"]
+    assert models[0]["metadata"]["val_loss"] == val_losses(workdir)[best]
+    for model in models:
+        assert {"run_config.json", "vocab.json"} <= set(model["files"])
+        assert any(f.startswith("checkpoint/") for f in model["files"])
+    # Turned off: the run logs none.
+    other = tmp_path / "off"
+    experiments_run(other, text_data_dir, wandb__log_checkpoints=False)
+    assert not [a for a in offline.read_artifacts(other) if a["type"] == "model"]
+
+
+def experiments_run(workdir, data_dir, **extra):
+    import experiments
+
+    overrides = {**FAST, **{k.replace("__", "."): str(v) for k, v in {**RISING, **extra}.items()}}
+    return experiments.run("grassmann_shakespeare", overrides, workdir=str(workdir), data_dir=str(data_dir),
+                           wandb_mode="offline")

@@ -26,7 +26,7 @@ def test_tiny_comparison_writes_report_plots_and_wandb_statistics(tmp_path, text
     import json
 
     full = [json.loads((workdir / "grassmann" / f"seed{s}" / "eval-val.json").read_text())["loss"] for s in (0, 1)]
-    assert rows["grassmann"]["val_loss"] == np.mean(full) and "val loss (whole split)" in report
+    assert rows["grassmann"]["val_loss"] == np.mean(full) and "loss, best checkpoint (validation split)" in report
     for png in ("val_loss.png", "attention_entropy.png", "grassmann_gate.png"):
         assert (workdir / "report" / png).stat().st_size > 10_000
     # Both arms' offline W&B runs carry their statistics, and images.
@@ -39,6 +39,9 @@ def test_tiny_comparison_writes_report_plots_and_wandb_statistics(tmp_path, text
     # The report run holds the table.
     report_history = set().union(*wandb_offline.read_history(workdir / "report"))
     assert any(k.startswith("comparison") for k in report_history)
+    # ... and the report itself, as an artifact.
+    report = [a for a in wandb_offline.read_artifacts(workdir / "report") if a["type"] == "report"]
+    assert len(report) == 1 and {"report.md", "summary.json", "val_loss.png"} <= set(report[0]["files"])
 
 
 def test_paper_variant_adds_a_third_arm_and_only_finalists_get_every_seed(tmp_path, text_data_dir):

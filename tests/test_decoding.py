@@ -188,3 +188,19 @@ def test_control_mixer_state_size_is_independent_of_context(name):
         assert sizes[1] == 2 * 2 * 5 * SMALL["d_model"] * 4 + 4
     else:  # the last K - 1 = max(offset) inputs per layer: 2 and 5
         assert sizes[1] == (2 + 5) * 2 * SMALL["d_model"] * 4 + 2 * 4
+
+
+@pytest.mark.parametrize("mixer", ["attention", "grassmann"])
+def test_sample_cached_draws_the_tokens_stream_tokens_yields(mixer):
+    """The training loop's sample: one compiled program, the same tokens as the streamed decoder, past
+    the block (where the recent half is prefilled again)."""
+    from grassjax import generation
+    from grassjax.nn import ModelConfig, build_model
+
+    cfg = ModelConfig(vocab_size=23, block_size=16, num_layers=2, d_model=32, num_heads=2, d_ff=64, rank=4,
+                      offsets=(1, 2, 4), mixer=mixer, init_std=0.3)
+    model = build_model(cfg, seed=1)
+    key, prompt = jax.random.key(3), np.array([[1, 5, 7]], np.int32)
+    streamed = list(generation.stream_tokens(model, prompt[0], key, num_tokens=40, temperature=0.9, top_k=8))
+    cached = generation.sample_cached(model, prompt, key, num_tokens=40, temperature=0.9, top_k=8)
+    assert cached.shape == (1, 40) and np.asarray(cached[0]).tolist() == streamed

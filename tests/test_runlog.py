@@ -394,3 +394,23 @@ def test_online_with_a_key_but_a_silent_server_falls_back_to_offline_within_the_
     finally:
         logger.finish()
     assert read_metrics_jsonl(tmp_path / "run" / "metrics.jsonl") == [{"step": 1, "loss": 1.0}]
+    # The fallback keeps the run's id (a resumed run's parts sync into one run), every time.
+    saved = (tmp_path / "run" / "wandb_run_id").read_text().strip()
+    assert logger.run_id == saved
+    again = make_logger(tmp_path / "run", mode="online", lines=lines)
+    try:
+        assert again.mode == "offline" and again.run_id == saved
+    finally:
+        again.finish()
+
+
+def test_the_printed_sync_command_survives_a_path_with_spaces(tmp_path):
+    import shlex
+
+    lines = []
+    logger = make_logger(tmp_path / "my runs" / "run 1", mode="offline", lines=lines)
+    try:
+        command = lines[0].split("upload later with: ", 1)[1]
+        assert shlex.split(command) == ["wandb", "sync", str(logger.run_dir)]
+    finally:
+        logger.finish()

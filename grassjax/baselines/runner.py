@@ -18,17 +18,17 @@ from grassjax.baselines.ngram import ngram_reference_rows
 
 
 def fit_ngram_lines(config, *, contexts, data_dir: str | None = None,
-                    discount: float | None = None) -> list[dict]:
-    """n-gram rows (see `ngram_reference_rows`) for config.data's train/val split.
-
-    [] when contexts is empty.
+                    discount: float | None = None, split: str = "val") -> list[dict]:
+    """n-gram rows (see `ngram_reference_rows`) fitted on config.data's training split and scored on
+    `split`; [] when contexts is empty.
     """
     if not contexts:
         return []
     from grassjax.data import load_dataset
 
     dataset = load_dataset(config.data, data_dir)
-    return ngram_reference_rows(dataset.train, dataset.val, vocab_size=dataset.vocab.size,
+    return ngram_reference_rows(dataset.train, getattr(dataset, split),
+                                vocab_size=dataset.vocab.size,
                                 contexts=tuple(contexts), discount=discount)
 
 

@@ -146,12 +146,14 @@ class Block(nn.Module):
             x = x + self.dropout(self.mixer(self.norm1(x)))
             return x + self.ffn(self.norm2(x))
         m = self.mixer(x)
-        h = self.dropout(self.norm1(m)) if self.mixer_kind == "grassmann" else self.norm1(x + self.dropout(m))
+        h = self.dropout(self.norm1(m)) if self.mixer_kind == "grassmann" else \
+            self.norm1(x + self.dropout(m))
         return self.norm2(h + self.ffn(h))
 
 
 class LanguageModel(nn.Module):
-    """grassjax.nn.LanguageModel in PyTorch, dropouts included (train() / eval() turn them on / off)."""
+    """grassjax.nn.LanguageModel in PyTorch, dropouts included (train() and eval() turn them on and
+    off)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -171,7 +173,8 @@ class LanguageModel(nn.Module):
 
     def forward(self, tokens):  # (B, T) int64 -> logits (B, T, V)
         T = tokens.shape[1]
-        x = self.dropout(self.tok_embed(tokens) + self.pos_embed(torch.arange(T, device=tokens.device)))
+        positions = torch.arange(T, device=tokens.device)
+        x = self.dropout(self.tok_embed(tokens) + self.pos_embed(positions))
         for block in self.blocks:
             x = block(x)
         return self.final_norm(x) @ self.tok_embed.weight.t()  # tied head

@@ -90,10 +90,10 @@ def scaled_dot_product_attention(
         instead: the same maths as jax.nn's XLA path, laid out (B, H, T, D),
         which XLA:CPU runs faster forward + backward (compare the `attention`
         and `attention_jax_nn` rows of the benchmark_scaling experiment).
-      dropout_rate, dropout_key: dropout on the attention probabilities (as nanoGPT's attn_dropout):
-        each is zeroed with probability dropout_rate and the rest scaled by 1 / (1 - rate). Off unless
-        both are given; with it, the probabilities are computed explicitly (jax.nn has no dropout).
-        Returned weights are the probabilities before dropout.
+      dropout_rate, dropout_key: dropout on the attention probabilities (as nanoGPT's
+        attn_dropout): each is zeroed with probability dropout_rate and the rest scaled by
+        1 / (1 - rate). Off unless both are given; with it, the probabilities are computed
+        explicitly (jax.nn has no dropout). Returned weights are the probabilities before dropout.
 
     Returns:
       out (..., T, H, D), or (out, weights) when return_weights is True.

@@ -346,9 +346,11 @@ class Block(nnx.Module):
         ffn = lambda y: self.ffn(y, deterministic=deterministic, rngs=rngs)
         # The attention probabilities' dropout draws its own key (only where it is on: the others'
         # keys, and so every run without it, are as before).
-        key = rngs.dropout() if not deterministic and rngs is not None and _drops_attention(self.mixer) \
-            else None
-        mix = lambda h: self.mixer(h, cache, return_intermediates=return_intermediates, dropout_key=key)
+        key = None
+        if not deterministic and rngs is not None and _drops_attention(self.mixer):
+            key = rngs.dropout()
+        mix = lambda h: self.mixer(h, cache, return_intermediates=return_intermediates,
+                                   dropout_key=key)
         if self.norm_placement == "pre":
             m, cache, inter = mix(self.norm1(x))
             x = x + drop(m)

@@ -14,6 +14,7 @@ import fnmatch
 import json
 import pathlib
 import re
+import shlex
 import time
 from typing import Any, Callable, Iterable, Sequence
 
@@ -87,29 +88,31 @@ class RunLogger:
                 self._jsonl.close()
                 raise
             # Online (asked for, or picked by auto) but W&B could not start the run within
-            # WANDB_INIT_TIMEOUT_S (no network, server down): keep training, offline. wandb-core
-            # still holds the failed run's id, so this offline run gets a fresh one (not saved in
-            # wandb_run_id).
+            # WANDB_INIT_TIMEOUT_S (no network, server down): keep training, offline, under the
+            # same run id, so that every part of a resumed run syncs into one run. wandb-core holds
+            # the failed run's id until it is restarted.
             reason = f"{type(e).__name__}: {e}".split("\n")[0][:160]
             self.mode = "offline"
             self.mode_reason = f"online init failed within {WANDB_INIT_TIMEOUT_S:g}s: {reason}"
-            self.run = self._init_wandb("offline", fresh_id=True, **init)
+            import wandb
+
+            with contextlib.suppress(Exception):
+                wandb.teardown()
+            self.run = self._init_wandb("offline", **init)
         if self.mode == "offline":
             print_fn(f"W&B offline ({self.mode_reason}): run saved in {self.run_dir}; "
-                     f"upload later with: wandb sync {self.run_dir}")
+                     f"upload later with: wandb sync {shlex.quote(str(self.run_dir))}")
         else:
             print_fn(f"W&B online ({self.mode_reason}): {self.run.url}")
 
     def _init_wandb(self, mode: str, *, project, name, group, tags, config, job_type, summary_min,
-                    step_metrics, fresh_id: bool = False):
+                    step_metrics):
         import wandb
         from wandb.sdk.lib.runid import generate_id
 
         id_file = self.workdir / "wandb_run_id"
         run_id = id_file.read_text().strip() if id_file.exists() else ""
-        if fresh_id:
-            run_id = generate_id()
-        elif not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_id):
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_id):
             run_id = generate_id()
             id_file.write_text(run_id + "\n")
         # Never a login prompt: offline/disabled skip login entirely, and online only gets here with
@@ -221,6 +224,25 @@ class RunLogger:
                 row[key] = wandb.Histogram(np_histogram=(counts, edges))
         if row:
             self.run.log({"step": step, **row})
+
+    def log_artifact(self, name: str, kind: str, files: dict[str, pathlib.Path], *,
+                     aliases: Sequence[str] = (), metadata: dict | None = None) -> None:
+        """A W&B artifact of `kind` ("model", "report") holding `files` ({name in the artifact: a
+        file or folder}), with `aliases`; offline it is written with the run and uploaded by
+        `wandb sync`. Nothing without W&B."""
+        self._check_open()
+        if self.run is None:
+            return
+        import wandb
+
+        artifact = wandb.Artifact(name, type=kind, metadata=json_safe(metadata or {}))
+        for target, path in files.items():
+            path = pathlib.Path(path)
+            if path.is_dir():
+                artifact.add_dir(str(path), name=target)
+            else:
+                artifact.add_file(str(path), name=target)
+        self.run.log_artifact(artifact, aliases=list(aliases))
 
     def set_summary(self, values: dict[str, Any]) -> None:
         """Run summary values (W&B summary, and merged into <workdir>/summary.json)."""

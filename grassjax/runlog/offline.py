@@ -275,3 +275,17 @@ def read_run_info(path_or_run_dir) -> dict:
     config.pop("_wandb", None)
     info["config"] = config
     return info
+
+
+def read_artifacts(path_or_run_dir) -> list[dict]:
+    """The artifacts a run logged, in order: name, type, aliases, metadata (a dict) and the names of
+    the files in each (its manifest)."""
+    out = []
+    for record in iter_records(find_run_file(path_or_run_dir)):
+        if record.WhichOneof("record_type") != "artifact":
+            continue
+        artifact = record.artifact
+        out.append(dict(name=artifact.name, type=artifact.type, aliases=list(artifact.aliases),
+                        metadata=json.loads(artifact.metadata) if artifact.metadata else {},
+                        files=sorted(entry.path for entry in artifact.manifest.contents)))
+    return out

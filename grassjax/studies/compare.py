@@ -30,8 +30,8 @@ from grassjax.train.loop import TrainResult, train
 
 
 # An arm whose last sampled val loss ends this far above its best (nats, mean over seeds) has
-# overfitted: the report says so, because the final model's whole-split loss then measures the
-# overfitting as well as the architecture.
+# overfitted: the report says so (its final model's whole-split loss then measures the overfitting
+# as well as the architecture; the gaps are its best checkpoint's).
 OVERFIT_NATS = 0.05
 
 
@@ -39,9 +39,10 @@ def summarise(results: dict[str, list[TrainResult]],
               evals: dict[str, list[dict]]) -> list[dict]:
     """One row per arm: means (and std over seeds) of the headline numbers.
 
-    The final numbers (val_loss, bpc) are from the evaluation over the whole validation split
-    (grassjax.inference.evaluate_run); best_val_loss is the sampled-window estimate the curves use,
-    best_step where it was reached, and overfit how far the last sampled estimate ended above it.
+    val_loss and bpc are the best checkpoints' losses over the whole split
+    (`evaluate_kept_and_final`; checkpoint_step the step they were saved at), final_val_loss the
+    final models'; best_val_loss is the sampled-window estimate the curves use, best_step where it
+    was reached, and overfit how far the last sampled estimate ended above it.
     """
     rows = []
     for arm, runs in results.items():
@@ -55,9 +56,13 @@ def summarise(results: dict[str, list[TrainResult]],
             overfit = float(np.mean([h[-1]["val/loss"] - b["val/loss"]
                                      for h, b in zip(evals_of, bests)]))
         full_mean, full_std = mean_std([e["loss"] for e in evals[arm]])
+        final_mean, final_std = mean_std([e.get("final", e)["loss"] for e in evals[arm]])
         rows.append(dict(
             arm=arm, seeds=len(runs), params=runs[0].params["total"],
             val_loss=full_mean, val_loss_std=full_std, val_tokens=evals[arm][0]["tokens_scored"],
+            split=evals[arm][0].get("split", "val"),
+            checkpoint_step=float(np.mean([e.get("step", math.nan) for e in evals[arm]])),
+            final_val_loss=final_mean, final_val_loss_std=final_std,
             best_val_loss=loss_mean, best_val_loss_std=loss_std, best_step=best_step,
             overfit=overfit, bpc=full_mean / math.log(2), bpc_std=full_std / math.log(2),
             # a run resumed at its end timed no step
@@ -94,22 +99,27 @@ def report_markdown(rows: list[dict], samples: dict[str, str], *, exp_name: str,
     base = next(r for r in rows if r["arm"] == baseline)
     rows = add_gaps(rows, baseline)
     lines = [f"# {exp_name}: {', '.join(r['arm'] for r in rows)}", "",
-             f"{budget or f'{steps} steps per run'}; mean ± std over seeds. Val loss and "
-             f"bits/char: the final model over the whole validation split "
-             f"({base['val_tokens']:,} tokens, non-overlapping windows; "
-             "`launch.py --mode=evaluate`); best (sampled) is the best of the evaluations on "
-             f"sampled windows during training, as in the curves. Gaps are in val loss to "
-             f"`{baseline}` (positive = worse than it): "
-             "Δ loss in nats/token, the perplexity ratio e^Δ, and the relative difference.", "",
-             "| arm | params | val loss (whole split) | Δ loss | ppl ratio | gap | bits/char "
-             "| best val loss (sampled) | tokens/s | step (ms) | step memory (MiB) | GFLOP/step "
-             "| steps | train (s) | wall (s) | seeds |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"{budget or f'{steps} steps per run'}; mean ± std over seeds. Loss and bits/char: "
+             f"each run's best checkpoint, the model a user keeps, over the whole "
+             f"{_split_name(base)} ({base['val_tokens']:,} tokens, non-overlapping windows; "
+             "`launch.py --mode=evaluate`), at the step given; the best was selected on the "
+             "validation batches (its lowest val loss among the evaluations during training). "
+             "The final model's loss is beside it, at the run's last step. Best (sampled) is the "
+             "best of those evaluations on sampled windows, as in the curves. Gaps are the best "
+             f"checkpoints' to `{baseline}` (positive = worse than it): Δ loss in nats/token, the "
+             "perplexity ratio e^Δ, and the relative difference.", "",
+             f"| arm | params | loss, best checkpoint ({_split_name(base)}) | at step | Δ loss | "
+             "ppl ratio | gap | bits/char | loss, final model | at step | best val loss "
+             "(sampled) | tokens/s | step (ms) | step memory (MiB) | GFLOP/step | steps | "
+             "train (s) | wall (s) | seeds |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['arm']} | {r['params']:,} | {r['val_loss']:.4f} ± {r['val_loss_std']:.4f} | "
-            f"{r['delta_loss']:+.4f} | {r['ppl_ratio']:.3f} | {r['gap_pct']:+.2f}% | "
-            f"{r['bpc']:.3f} ± {r['bpc_std']:.3f} | "
+            f"{_step(r.get('checkpoint_step'))} | {r['delta_loss']:+.4f} | {r['ppl_ratio']:.3f} | "
+            f"{r['gap_pct']:+.2f}% | {r['bpc']:.3f} ± {r['bpc_std']:.3f} | "
+            f"{r.get('final_val_loss', r['val_loss']):.4f} ± "
+            f"{r.get('final_val_loss_std', r['val_loss_std']):.4f} | {_step(r['steps'])} | "
             f"{r['best_val_loss']:.4f} ± {r['best_val_loss_std']:.4f} | "
             f"{r['tokens_per_s']:,.0f} | "
             f"{r['step_time_ms']:.1f} | {r['step_memory_mb']:.1f} | {r['gflops_per_step']:.2f} | "
@@ -117,9 +127,9 @@ def report_markdown(rows: list[dict], samples: dict[str, str], *, exp_name: str,
     for r in ngram_rows:  # count-based references: same split, no parameters trained
         delta = r["val_loss"] - base["val_loss"]
         gap = 100 * (r["val_loss"] / base["val_loss"] - 1)
-        lines.append(f"| {r['name']} | — | {r['val_loss']:.4f} | {delta:+.4f} | "
+        lines.append(f"| {r['name']} | — | {r['val_loss']:.4f} | — | {delta:+.4f} | "
                      f"{math.exp(delta):.3f} | {gap:+.2f}% | "
-                     f"{r['val_bpc']:.3f} | — | — | — | — | — | — | — | "
+                     f"{r['val_bpc']:.3f} | — | — | — | — | — | — | — | — | — | "
                      f"{r['fit_s'] + r['score_s']:.1f} | — |")
     overfitted = [r for r in rows if r.get("overfit", 0.0) > OVERFIT_NATS]
     if overfitted:
@@ -127,9 +137,8 @@ def report_markdown(rows: list[dict], samples: dict[str, str], *, exp_name: str,
                          f"(reached at step {r['best_step']:,.0f})"
                          for r in sorted(overfitted, key=lambda r: -r["overfit"]))
         lines += ["", f"**Overfitting.** The last sampled val loss ends {each}, mean over seeds. "
-                  "The whole-split columns are the final models', so they measure how much each "
-                  "arm overfits as well as the architecture: compare the best (sampled) column, "
-                  "or rerun with --config.train.steps near the best step."]
+                  "The final models' column measures how much each arm overfits as well as the "
+                  "architecture; the gaps are the best checkpoints'."]
     if ngram_rows:
         lines += ["", "n-gram rows: interpolated Kneser–Ney fitted on the training split and "
                   "scored on every validation token with up to its context length before it "
@@ -149,6 +158,14 @@ def report_markdown(rows: list[dict], samples: dict[str, str], *, exp_name: str,
               "![attention entropy](attention_entropy.png)", "",
               "![gate](grassmann_gate.png)", ""]
     return "\n".join(lines)
+
+
+def _split_name(row: dict) -> str:
+    return {"val": "validation split", "test": "test split"}.get(row.get("split", "val"), "split")
+
+
+def _step(value) -> str:
+    return "—" if value is None or not math.isfinite(value) else f"{value:,.0f}"
 
 
 def plot_report(results: dict[str, list[TrainResult]], out: pathlib.Path,
@@ -228,6 +245,34 @@ def plot_report(results: dict[str, list[TrainResult]], out: pathlib.Path,
     return paths
 
 
+def report_split(cfg) -> str:
+    """The split the report scores: validation where it is also what selects the best checkpoint
+    (tiny Shakespeare has no other), the held-out test split where the dataset has one."""
+    return "test" if cfg.data.dataset == "wikitext2" else "val"
+
+
+def evaluate_kept_and_final(run_dir: pathlib.Path, cfg, data_dir: str | None) -> dict:
+    """The whole-split evaluation of a run's best checkpoint (its lowest val loss on the sampled
+    validation batches: selected on validation data), with the final model's under "final"."""
+    quiet = lambda *_: None  # noqa: E731
+    split = report_split(cfg)
+    # The default checkpoint: the best, or the newest for a run trained before bests were kept.
+    best = evaluate_run(run_dir, data_dir=data_dir, split=split, print_fn=quiet)
+    final = best if best["step"] == _latest_step(run_dir) else \
+        evaluate_run(run_dir, data_dir=data_dir, split=split, checkpoint="latest", print_fn=quiet)
+    return {**best, "final": final}
+
+
+def _latest_step(run_dir: pathlib.Path) -> int | None:
+    from grassjax.train.checkpoint import Checkpointer
+
+    checkpointer = Checkpointer(run_dir, read_only=True)
+    try:
+        return checkpointer.latest_step()
+    finally:
+        checkpointer.close()
+
+
 def run_comparison(config, *, workdir, exp_name: str, data_dir: str | None = None,
                    wandb_mode: str | None = None,
                    print_fn: Callable[[str], None] = print) -> dict:
@@ -253,9 +298,7 @@ def run_comparison(config, *, workdir, exp_name: str, data_dir: str | None = Non
             results.setdefault(spec.name, []).append(
                 train(cfg, workdir=run_dir, exp_name=f"{exp_name}-{spec.name}", data_dir=data_dir,
                       wandb_mode=wandb_mode, print_fn=print_fn))
-            evals.setdefault(spec.name, []).append(evaluate_run(run_dir, data_dir=data_dir,
-                                                                split="val",
-                                                                print_fn=lambda *_: None))
+            evals.setdefault(spec.name, []).append(evaluate_kept_and_final(run_dir, cfg, data_dir))
     rows = summarise(results, evals)
     report_dir = workdir / "report"
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -272,6 +315,7 @@ def _write_report(config, rows, results, plans, *, report_dir, exp_name, group, 
     # Count-based references on the same split (seconds of NumPy; none unless
     # compare.ngram_contexts is set).
     ngram_rows = fit_ngram_lines(config, contexts=config.compare.get("ngram_contexts", ()),
+                                 split=report_split(config),
                                  data_dir=data_dir)
     samples = {arm: runs[0].sample for arm, runs in results.items()}
     reference = config.compare.get("waterfall_reference", "")

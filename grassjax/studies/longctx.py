@@ -106,8 +106,9 @@ def report_markdown(rows: Sequence[dict], verdicts: Sequence[str], *, exp_name: 
     lines = [f"# {exp_name}: {', '.join(dict.fromkeys(r['arm'] for r in rows))} at block sizes "
              f"{', '.join(str(b) for b in sorted({r['block'] for r in rows}))}", "",
              "## Answer", "", *verdicts, "",
-             f"{budget}. Mean ± std over seeds. Val loss: the final model over the whole "
-             f"validation split ({val_tokens:,} tokens, non-overlapping windows of the block size, "
+             f"{budget}. Mean ± std over seeds. Val loss: each run's best checkpoint (selected on "
+             f"the validation batches) over the whole validation split ({val_tokens:,} tokens, "
+             f"non-overlapping windows of the block size, "
              f"`launch.py --mode=evaluate`); Δ loss (nats/token, negative = ahead of "
              f"`{baseline}`) ± its standard error over seeds, and the perplexity ratio e^Δ. "
              "Compare within a block size only: longer windows give the whole-split evaluation "

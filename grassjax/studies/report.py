@@ -48,8 +48,8 @@ def budget_note(config, plans: dict[str, dict]) -> str:
 def log_report(config, report_dir: pathlib.Path, tables: dict[str, list[dict]],
                plots: Sequence[pathlib.Path], *, exp_name: str, group: str,
                wandb_mode: str | None, step: int, print_fn) -> None:
-    """The report's own W&B run in the comparison's group: each non-empty table, and the plots as
-    images."""
+    """The report's own W&B run in the comparison's group: each non-empty table, the plots as
+    images, and the report itself (report.md, the plots, summary.json) as a "report" artifact."""
     with RunLogger(workdir=report_dir, project=config.wandb.project, name=f"{exp_name}-report",
                    group=group, tags=list(config.wandb.tags) + ["report"], config=config.to_dict(),
                    mode=wandb_mode, job_type="report", print_fn=print_fn) as logger:
@@ -59,6 +59,10 @@ def log_report(config, report_dir: pathlib.Path, tables: dict[str, list[dict]],
                 logger.log_table(key, columns, [[row[c] for c in columns] for row in table],
                                  step=step)
         logger.log_images({p.stem: _read_png(p) for p in plots}, step=step)
+        files = [report_dir / "report.md", report_dir / "summary.json", *plots]
+        logger.log_artifact(f"report-{exp_name}", "report",
+                            {p.name: p for p in files if p.exists()}, aliases=["latest"],
+                            metadata={"exp": exp_name, "group": group})
 
 
 def _read_png(path: pathlib.Path) -> np.ndarray:

@@ -15,6 +15,7 @@ import ml_collections
 
 from grassjax.extras import require
 from grassjax.train.loop import NonFiniteLossError, train
+from grassjax.train.workdir import WorkdirLock, prepare_workdir
 
 
 def import_optuna():
@@ -45,8 +46,8 @@ def run_tuning(config, *, workdir, exp_name: str, data_dir: str | None = None,
     and until `tune.n_trials` trials have completed or been pruned, new ones are asked for. A trial
     that an earlier invocation left unfinished (Ctrl-C, a killed process) is closed as failed and
     its learning rate queued again, in the same trial folder, so its training resumes from its
-    checkpoint. This assumes one worker per study (a second process running the same study would
-    see the first one's live trials as unfinished).
+    checkpoint. The study's folder is locked as a run's is (<workdir>/lock): a second process on the
+    same study is one line, before it touches the study.
 
     Each trial is an ordinary `train` run in <workdir>/trials/trialNNN with the learning rate (and
     min_lr = lr x tune.min_lr_ratio) set; all trials share one W&B group. After every evaluation
@@ -54,11 +55,19 @@ def run_tuning(config, *, workdir, exp_name: str, data_dir: str | None = None,
     of earlier trials at the same step. A diverged trial (non-finite loss) is recorded as failed.
     """
     optuna = import_optuna()
+    workdir = prepare_workdir(pathlib.Path(workdir))
+    with WorkdirLock(workdir):  # another process's live trials are not an interrupted run's
+        study = _open_study(config, optuna, workdir, exp_name, print_fn)
+        _run_trials(study, config, workdir, exp_name, data_dir, wandb_mode, print_fn)
+        return _write_report(study, workdir, exp_name, print_fn)
+
+
+def _open_study(config, optuna, workdir: pathlib.Path, exp_name: str, print_fn):
+    """The study in <workdir>/study.db, with the chosen first points queued and the trials an
+    interrupted invocation left running queued again."""
     from optuna.trial import TrialState
 
     tc = config.tune
-    workdir = pathlib.Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = f"sqlite:///{(workdir / 'study.db').resolve()}"
     name = tc.study_name or exp_name
@@ -86,7 +95,15 @@ def run_tuning(config, *, workdir, exp_name: str, data_dir: str | None = None,
                             user_attrs={"resume_dir": stale.user_attrs.get("workdir", "")})
         print_fn(f"trial {stale.number} was interrupted: queued again (learning rate "
                  f"{stale.params}), resuming from its checkpoint")
+    return study
 
+
+def _run_trials(study, config, workdir: pathlib.Path, exp_name: str, data_dir, wandb_mode,
+                print_fn):
+    """Ask for trials and train them until tune.n_trials are complete or pruned."""
+    from optuna.trial import TrialState
+
+    tc = config.tune
     group = config.wandb.group or exp_name
     finished = lambda: len(study.get_trials(deepcopy=False,
                                             states=(TrialState.COMPLETE, TrialState.PRUNED)))
@@ -120,8 +137,6 @@ def run_tuning(config, *, workdir, exp_name: str, data_dir: str | None = None,
             print_fn(f"trial {trial.number} pruned at step {result.final_step}")
         else:
             study.tell(trial, result.best_val_loss)
-
-    return _write_report(study, workdir, exp_name, print_fn)
 
 
 def _write_report(study, workdir: pathlib.Path, exp_name: str, print_fn) -> dict:

@@ -1,1 +1,1 @@
-"""One training run: its config, the jitted step, the loop, evaluations, checkpoints and its workdir."""
+"""One training run: its config, jitted step, loop, evaluations, checkpoints and workdir."""

@@ -1,10 +1,13 @@
-"""Checkpoints of the train state with orbax: the newest few (to resume from) and the best (to keep).
+"""Checkpoints of the train state with orbax: the newest few (to resume from) and the best (to
+keep).
 
-<workdir>/checkpoints/<step>/       every train.checkpoint_every steps; the newest train.keep_checkpoints
-<workdir>/checkpoints-best/<step>/  the state of the evaluation with the lowest val loss so far, with that
-                                    loss in its metadata; it survives the rolling deletion above
-Orbax writes a checkpoint into a temporary folder and renames it when complete, so a killed save leaves
-no step folder. Saving is synchronous: a Ctrl-C, SIGTERM or NaN stop must find the files complete.
+<workdir>/checkpoints/<step>/       every train.checkpoint_every steps; the newest
+                                    train.keep_checkpoints
+<workdir>/checkpoints-best/<step>/  the state of the evaluation with the lowest val loss so far,
+                                    with that loss in its metadata; it survives the rolling deletion
+Orbax writes a checkpoint into a temporary folder and renames it when complete, so a killed save
+leaves no step folder. Saving is synchronous: a Ctrl-C, SIGTERM or NaN stop must find the files
+complete.
 """
 
 from __future__ import annotations
@@ -56,8 +59,9 @@ class _Sink(io.TextIOBase):
 @contextlib.contextmanager
 def quiet_library(settle_s: float = 0.3, max_wait_s: float = 3.0):
     """Keep orbax's absl log lines and the tracebacks its and tensorstore's threads print (asyncio's
-    "Event loop is closed", on a failed read or write) off the console; our one line says what happened.
-    After an error, waits until those threads have stopped printing. Yields the collected text."""
+    "Event loop is closed", on a failed read or write) off the console; our one line says what
+    happened. After an error, waits until those threads have stopped printing. Yields the collected
+    text."""
     level = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.FATAL)
     sink, stderr = _Sink(), sys.stderr
@@ -70,7 +74,8 @@ def quiet_library(settle_s: float = 0.3, max_wait_s: float = 3.0):
         raise
     finally:
         if failed:
-            logging.getLogger("asyncio").addFilter(_drop_unretrieved)  # logged when the tasks are collected
+            # logged when the tasks are collected
+            logging.getLogger("asyncio").addFilter(_drop_unretrieved)
             gc.collect()
             deadline = time.monotonic() + max_wait_s
             while time.monotonic() < min(deadline, sink.last_write + settle_s):
@@ -80,13 +85,14 @@ def quiet_library(settle_s: float = 0.3, max_wait_s: float = 3.0):
 
 
 def _drop_unretrieved(record: logging.LogRecord) -> bool:
-    """asyncio's "Task exception was never retrieved", for orbax's writes that failed with the one we report."""
+    """asyncio's "Task exception was never retrieved", for orbax's writes that failed with the one
+    we report."""
     return "exception was never retrieved" not in record.getMessage()
 
 
 def disk_error(err: BaseException) -> str | None:
-    """'No space left on device: /path' for a write that failed on the disk (orbax and tensorstore raise
-    ValueError("RESOURCE_EXHAUSTED: ...") or wrap the OSError), else None."""
+    """'No space left on device: /path' for a write that failed on the disk (orbax and tensorstore
+    raise ValueError("RESOURCE_EXHAUSTED: ...") or wrap the OSError), else None."""
     seen = err
     while seen is not None:
         if isinstance(seen, OSError):
@@ -96,7 +102,8 @@ def disk_error(err: BaseException) -> str | None:
     for marker, reason in (("No space left on device", "No space left on device"),
                            ("RESOURCE_EXHAUSTED", "No space left on device"),
                            ("Read-only file system", "Read-only file system"),
-                           ("Permission denied", "Permission denied"), ("PERMISSION_DENIED", "Permission denied")):
+                           ("Permission denied", "Permission denied"),
+                           ("PERMISSION_DENIED", "Permission denied")):
         if marker in text:
             return reason
     return None
@@ -119,10 +126,12 @@ def _flat_shapes(tree) -> dict[str, tuple]:
 
 
 class Checkpointer:
-    """Saves TrainState under <workdir>/checkpoints/ (and the best under checkpoints-best/), restores the
-    newest one that reads back. read_only: never creates, moves or deletes anything (a run being used)."""
+    """Saves TrainState under <workdir>/checkpoints/ (and the best under checkpoints-best/),
+    restores the newest one that reads back. read_only: never creates, moves or deletes anything (a
+    run being used)."""
 
-    def __init__(self, workdir: str | pathlib.Path, *, max_to_keep: int = 2, read_only: bool = False):
+    def __init__(self, workdir: str | pathlib.Path, *, max_to_keep: int = 2,
+                 read_only: bool = False):
         self.workdir = pathlib.Path(workdir).resolve()
         self.directory = self.workdir / "checkpoints"
         self.best_directory = self.workdir / BEST_DIR
@@ -132,9 +141,12 @@ class Checkpointer:
 
     def _manager(self, directory: pathlib.Path, max_to_keep: int) -> ocp.CheckpointManager:
         with quiet_library():  # it reads every step's metadata, which may be a corrupt one
-            options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, enable_async_checkpointing=False,
-                                                   create=not self.read_only, read_only=self.read_only)
-            return ocp.CheckpointManager(directory, options=options, item_handlers=ocp.StandardCheckpointHandler())
+            options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
+                                                   enable_async_checkpointing=False,
+                                                   create=not self.read_only,
+                                                   read_only=self.read_only)
+            return ocp.CheckpointManager(directory, options=options,
+                                         item_handlers=ocp.StandardCheckpointHandler())
 
     @property
     def best_manager(self) -> ocp.CheckpointManager | None:
@@ -154,16 +166,17 @@ class Checkpointer:
         return self.best_manager.latest_step()
 
     def best_val_loss(self) -> float:
-        """The val loss recorded with the best checkpoint; WorkdirError where its metadata is unreadable."""
+        """The val loss recorded with the best checkpoint; WorkdirError where its metadata is
+        unreadable."""
         step = self.best_step()
         try:
             with quiet_library():
                 return float(self.best_manager.metadata(step).custom_metadata["val_loss"])
         except Exception as err:  # noqa: BLE001 - a truncated or missing metadata file
-            raise WorkdirError(f"the best checkpoint (step {step}) in {self.best_directory} is unreadable "
-                               f"({_first_line(err)})") from None
+            raise WorkdirError(f"the best checkpoint (step {step}) in {self.best_directory} is "
+                               f"unreadable ({_first_line(err)})") from None
 
-    # ------------------------------------------------------------------------------------------ saving
+    # --------------------------------------------------------------------------------------- saving
     def save(self, state: TrainState) -> int:
         step = int(jax.device_get(state.step))
         if self.manager.latest_step() != step:
@@ -171,13 +184,15 @@ class Checkpointer:
         return step
 
     def save_best(self, state: TrainState, val_loss: float) -> int:
-        """`state` as the best, with its val loss; the previous best is deleted once this one is whole."""
+        """`state` as the best, with its val loss; the previous best is deleted once this one is
+        whole."""
         step = int(jax.device_get(state.step))
         self._write(self.best_manager, step, state, what=f"the best checkpoint (step {step})",
                     custom_metadata={"val_loss": float(val_loss), "step": step})
         return step
 
-    def _write(self, manager, step: int, state: TrainState, *, what: str, custom_metadata=None) -> None:
+    def _write(self, manager, step: int, state: TrainState, *, what: str,
+               custom_metadata=None) -> None:
         try:
             with quiet_library():
                 manager.save(step, args=ocp.args.StandardSave(state._asdict()), force=True,
@@ -191,8 +206,9 @@ class Checkpointer:
             reason = disk_error(err)
             if reason is None:  # not the disk: keep the details for a bug report
                 reason = f"{_first_line(err)}; details in {self._log_details(err)}"
-            raise WorkdirError(f"cannot write {what} ({reason}); the run stopped, the last good checkpoint "
-                               f"is step {kept} in {self.directory}; free space and rerun to resume",
+            raise WorkdirError(f"cannot write {what} ({reason}); the run stopped, the last good "
+                               f"checkpoint is step {kept} in {self.directory}; free space and "
+                               f"rerun to resume",
                                exit_code=1) from None
 
     def _log_details(self, err: BaseException) -> pathlib.Path:
@@ -215,14 +231,14 @@ class Checkpointer:
             shutil.rmtree(path, ignore_errors=True)
 
     def drop_best_after(self, step: int) -> None:
-        """A best checkpoint from past `step` (a run resumed from an older checkpoint) is forgotten, as the
-        evaluations logged past it are."""
+        """A best checkpoint from past `step` (a run resumed from an older checkpoint) is
+        forgotten, as the evaluations logged past it are."""
         best = self.best_step()
         if best is not None and best > step and jax.process_index() == 0:
             with quiet_library():
                 self.best_manager.delete(best)
 
-    # ----------------------------------------------------------------------------------------- reading
+    # -------------------------------------------------------------------------------------- reading
     def check_fits(self, template: TrainState, step: int, *, best: bool = False) -> None:
         """CheckpointMismatchError naming the parameters whose shapes differ from `template`'s."""
         manager = self.best_manager if best else self.manager
@@ -231,7 +247,8 @@ class Checkpointer:
                 saved = _flat_shapes(manager.item_metadata(step))
         except Exception:  # noqa: BLE001 - unreadable metadata: restoring says so
             return
-        wanted = {k: v for k, v in _flat_shapes(template._asdict()).items() if k.startswith("params.")}
+        wanted = {k: v for k, v in _flat_shapes(template._asdict()).items()
+                  if k.startswith("params.")}
         saved = {k: v for k, v in saved.items() if k.startswith("params.")}
         if not saved:
             return
@@ -240,10 +257,11 @@ class Checkpointer:
             shown = ", ".join(f"{k[len('params.'):]}: saved {saved.get(k, 'absent')} vs "
                               f"{wanted.get(k, 'absent')}" for k in differ[:3])
             more = f" (and {len(differ) - 3} more)" if len(differ) > 3 else ""
-            raise CheckpointMismatchError(f"{manager.directory}/{step} holds a model of another shape ({shown}"
-                                          f"{more})")
+            raise CheckpointMismatchError(f"{manager.directory}/{step} holds a model of another "
+                                          f"shape ({shown}{more})")
 
-    def restore(self, template: TrainState, step: int | None = None, *, best: bool = False) -> TrainState:
+    def restore(self, template: TrainState, step: int | None = None, *,
+                best: bool = False) -> TrainState:
         """Restore into the structure (and shardings) of `template`."""
         manager = self.best_manager if best else self.manager
         step = manager.latest_step() if step is None else step
@@ -253,10 +271,13 @@ class Checkpointer:
             restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
         return TrainState(**restored)
 
-    def restore_newest_good(self, template: TrainState, print_fn: Callable[[str], None] = print) -> TrainState:
-        """The newest checkpoint that restores. Ones that do not (a truncated file, a bad disk) are moved
-        to <workdir>/checkpoints-corrupt/ with a warning line (read_only: skipped, nothing moved); if none
-        restores, WorkdirError (nothing moved). A model of another shape is CheckpointMismatchError."""
+    def restore_newest_good(self, template: TrainState,
+                            print_fn: Callable[[str], None] = print) -> TrainState:
+        """The newest checkpoint that restores.
+
+        Ones that do not (a truncated file, a bad disk) are moved to <workdir>/checkpoints-corrupt/
+        with a warning line (read_only: skipped, nothing moved); if none restores, WorkdirError
+        (nothing moved). A model of another shape is CheckpointMismatchError."""
         failures = []
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
@@ -274,8 +295,9 @@ class Checkpointer:
                          f"{'using' if self.read_only else 'resuming from'} step {step}")
             return state
         bad, reason = failures[0]
-        raise WorkdirError(f"no checkpoint in {self.directory} can be restored (newest, step {bad}: {reason}); "
-                           f"pass another --workdir, or --restart to move the old run aside and start over")
+        raise WorkdirError(f"no checkpoint in {self.directory} can be restored (newest, step "
+                           f"{bad}: {reason}); pass another --workdir, or --restart to move the "
+                           f"old run aside and start over")
 
     def _move_aside(self, steps: list[int]) -> None:
         target = self.workdir / CORRUPT_DIR
@@ -286,7 +308,8 @@ class Checkpointer:
             if jax.process_index() == 0:  # the one writer; the others only re-read the folder
                 (self.directory / str(step)).rename(target / f"{step}-{stamp}")
         self.manager.close()
-        self.manager = self._manager(self.directory, self.max_to_keep)  # it caches the list of steps
+        # it caches the list of steps
+        self.manager = self._manager(self.directory, self.max_to_keep)
 
     def move_best_aside(self) -> None:
         """A best checkpoint that cannot be read goes to checkpoints-corrupt/ (the next improvement

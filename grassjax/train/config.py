@@ -1,13 +1,8 @@
 """Experiment configs as data: the shared defaults, and type-checked command-line overrides.
 
 An experiment config is an ml_collections ConfigDict with sections model
-(grassjax.nn.ModelConfig fields), data, train, stats and wandb.
-
-Why not ml_collections.config_flags: it binds --config to one config (a ConfigDict given when the flag is
-defined, or a file path in --config=path:arg), but here --exp=NAME, a flag parsed in the same pass, picks the
-config, and the CLI takes name lists without quotes (--config.compare.arms=grassmann,transformer). So
-`split_overrides` takes the --config.* arguments out of argv before absl parses the rest, and
-`apply_overrides` type-checks them against the chosen experiment's config.
+(grassjax.nn.ModelConfig fields), data, train, stats and wandb. `split_overrides` and
+`apply_overrides` read the --config.<key>=<value> flags, `validate` checks the result.
 """
 
 from __future__ import annotations
@@ -47,8 +42,10 @@ def default_config() -> ml_collections.ConfigDict:
         epochs=0.0,  # > 0: train this many passes over the training tokens instead of `steps`
         stop_after=0,  # > 0: stop this invocation at that step (the schedule still spans `steps`)
         batch_size=12,  # global: rows per optimizer step, over all devices and accumulation steps
-        per_device_batch_size=0,  # > 0: set the batch per device instead; global = this x devices x accum
-        grad_accum_steps=1,  # microbatches per optimizer step (lax.scan), to fit big batches in memory
+        # > 0: set the batch per device instead; global = this x devices x accum
+        per_device_batch_size=0,
+        # microbatches per optimizer step (lax.scan), to fit big batches in memory
+        grad_accum_steps=1,
         learning_rate=1e-3,
         min_lr=1e-4,
         warmup_steps=100,
@@ -73,9 +70,12 @@ def default_config() -> ml_collections.ConfigDict:
         image_layers=(0, -1),  # which layers get images (negative counts from the end)
         hist_bins=20,
     ))
-    # val_x_axis: the default x axis of the val/ and eval_train/ panels, "step" or "perf/elapsed_s" (training
-    # seconds; time-matched comparisons set it). Both are in every row, so any panel can switch.
-    cfg.wandb = ml_collections.ConfigDict(dict(project="grassjax", name="", group="", tags=(), val_x_axis="step"))
+    # val_x_axis: the default x axis of the val/ and eval_train/ panels, "step" or "perf/elapsed_s"
+    # (training seconds; time-matched comparisons set it). Both are in every row, so any panel can
+    # switch.
+    # log_checkpoints: the final and the best checkpoint as W&B model artifacts ("latest", "best").
+    cfg.wandb = ml_collections.ConfigDict(dict(project="grassjax", name="", group="", tags=(),
+                                               val_x_axis="step", log_checkpoints=True))
     return cfg
 
 
@@ -85,8 +85,15 @@ X_AXES = ("step", "perf/elapsed_s")
 CONFIG_PREFIX = "--config."
 
 
+# Why not ml_collections.config_flags: it binds --config to one config (a ConfigDict given when the
+# flag is defined, or a file path in --config=path:arg), but here --exp=NAME, a flag parsed in the
+# same pass, picks the config, and the CLI takes name lists without quotes
+# (--config.compare.arms=grassmann,transformer). So `split_overrides` takes the --config.* arguments
+# out of argv before absl parses the rest, and `apply_overrides` type-checks them against the
+# chosen experiment's config.
 def split_overrides(argv: list[str]) -> tuple[list[str], dict[str, str]]:
-    """(argv without the --config.<key>=<value> arguments, {key: value}); ConfigError for one with no value."""
+    """(argv without the --config.<key>=<value> arguments, {key: value}); ConfigError for one with
+    no value."""
     rest, overrides = [], {}
     for arg in argv:
         if not arg.startswith(CONFIG_PREFIX):
@@ -113,8 +120,8 @@ def _parse_value(text: str, current, key: str):
         if isinstance(current, float):
             value = float(text)
             if not math.isfinite(value):  # nan passes every range check, and inf most
-                raise ConfigError(f"--config.{key}={text!r}: expected a finite number (current value "
-                                  f"{current!r})")
+                raise ConfigError(f"--config.{key}={text!r}: expected a finite number (current "
+                                  f"value {current!r})")
             return value
         if isinstance(current, str):
             return text
@@ -135,27 +142,34 @@ def _parse_value(text: str, current, key: str):
         raise
     except (ValueError, SyntaxError):
         pass
-    example = {bool: "True or False", int: "an integer", float: "a number", tuple: "a comma-separated list, e.g. 1,2,4",
+    example = {bool: "True or False", int: "an integer", float: "a number",
+               tuple: "a comma-separated list, e.g. 1,2,4",
                list: "a comma-separated list"}.get(kind, kind.__name__)
     raise ConfigError(f"--config.{key}={text!r}: expected {example} (current value {current!r})")
 
 
-def apply_overrides(cfg: ml_collections.ConfigDict, overrides: dict[str, str]) -> ml_collections.ConfigDict:
-    """Apply {"train.steps": "100", ...} to a copy of cfg, type-checked against the existing values."""
+def apply_overrides(cfg: ml_collections.ConfigDict,
+                    overrides: dict[str, str]) -> ml_collections.ConfigDict:
+    """Apply {"train.steps": "100", ...} to a copy of cfg, type-checked against the existing
+    values."""
     cfg = ml_collections.ConfigDict(cfg.to_dict())
     for key, text in overrides.items():
         *path, leaf = key.split(".")
         node = cfg
         for i, part in enumerate(path):
             if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-                valid = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else ""
-                raise ConfigError(f"--config.{key}: unknown section {'.'.join(path[: i + 1])!r}; valid: {valid}")
+                valid = (", ".join(sorted(node.keys()))
+                         if isinstance(node, ml_collections.ConfigDict) else "")
+                raise ConfigError(f"--config.{key}: unknown section {'.'.join(path[: i + 1])!r}; "
+                                  f"valid: {valid}")
             node = node[part]
         if not isinstance(node, ml_collections.ConfigDict) or leaf not in node:
-            valid = ", ".join(sorted(node.keys())) if isinstance(node, ml_collections.ConfigDict) else ""
+            valid = (", ".join(sorted(node.keys()))
+                     if isinstance(node, ml_collections.ConfigDict) else "")
             raise ConfigError(f"--config.{key}: unknown key; valid keys here: {valid}")
         if isinstance(node[leaf], ml_collections.ConfigDict):
-            raise ConfigError(f"--config.{key} is a section; set one of its keys: {', '.join(sorted(node[leaf].keys()))}")
+            raise ConfigError(f"--config.{key} is a section; set one of its keys: "
+                              f"{', '.join(sorted(node[leaf].keys()))}")
         node[leaf] = _parse_value(text, node[leaf], key)
     return cfg
 
@@ -183,21 +197,28 @@ class Range:
 
 
 POSITIVE, NON_NEGATIVE, UNIT_OPEN = Range(1), Range(0), Range(0, 1, lo_open=True, hi_open=True)
-# Every numeric key's allowed range, in one place. Cross-key rules (rank <= d_model, offsets < block size,
-# min_lr <= learning_rate) are in validate below.
+# Every numeric key's allowed range, in one place. Cross-key rules (rank <= d_model, offsets < block
+# size, min_lr <= learning_rate) are in validate below.
 RANGES: dict[str, Range] = {
-    "model.num_layers": POSITIVE, "model.d_model": POSITIVE, "model.num_heads": POSITIVE, "model.d_ff": POSITIVE,
-    "model.rank": Range(2), "model.grassmann_eps": Range(0, lo_open=True), "model.dropout": Range(0, 1, hi_open=True),
+    "model.num_layers": POSITIVE, "model.d_model": POSITIVE, "model.num_heads": POSITIVE,
+    "model.d_ff": POSITIVE,
+    "model.rank": Range(2), "model.grassmann_eps": Range(0, lo_open=True),
+    "model.dropout": Range(0, 1, hi_open=True),
     "model.attn_dropout": Range(0, 1, hi_open=True),
     "model.init_std": Range(0, lo_open=True),
-    "data.block_size": POSITIVE, "data.val_fraction": UNIT_OPEN, "data.vocab_size": Range(16, 65536),
-    "train.seed": NON_NEGATIVE, "train.steps": POSITIVE, "train.epochs": NON_NEGATIVE, "train.stop_after": NON_NEGATIVE,
-    "train.batch_size": POSITIVE, "train.per_device_batch_size": NON_NEGATIVE, "train.grad_accum_steps": POSITIVE,
-    "train.learning_rate": Range(0, lo_open=True), "train.min_lr": NON_NEGATIVE, "train.warmup_steps": NON_NEGATIVE,
+    "data.block_size": POSITIVE, "data.val_fraction": UNIT_OPEN,
+    "data.vocab_size": Range(16, 65536),
+    "train.seed": NON_NEGATIVE, "train.steps": POSITIVE, "train.epochs": NON_NEGATIVE,
+    "train.stop_after": NON_NEGATIVE,
+    "train.batch_size": POSITIVE, "train.per_device_batch_size": NON_NEGATIVE,
+    "train.grad_accum_steps": POSITIVE,
+    "train.learning_rate": Range(0, lo_open=True), "train.min_lr": NON_NEGATIVE,
+    "train.warmup_steps": NON_NEGATIVE,
     "train.weight_decay": NON_NEGATIVE, "train.beta1": Range(0, 1, hi_open=True),
     "train.beta2": Range(0, 1, hi_open=True), "train.grad_clip": Range(0, lo_open=True),
     "train.log_every": POSITIVE, "train.eval_every": POSITIVE, "train.eval_batches": POSITIVE,
-    "train.checkpoint_every": POSITIVE, "train.keep_checkpoints": POSITIVE, "train.sample_tokens": NON_NEGATIVE,
+    "train.checkpoint_every": POSITIVE, "train.keep_checkpoints": POSITIVE,
+    "train.sample_tokens": NON_NEGATIVE,
     "train.temperature": NON_NEGATIVE, "train.top_k": NON_NEGATIVE,
     "stats.probe_batch": POSITIVE, "stats.hist_bins": POSITIVE,
 }
@@ -218,21 +239,26 @@ def _check_model(prefix: str, model: dict, block_size: int, note: str = "") -> N
         return
     if model["mixer"] == "grassmann":
         if model["rank"] > model["d_model"]:
-            raise ConfigError(f"--config.{prefix}.rank={model['rank']} must be <= model.d_model={model['d_model']} "
+            raise ConfigError(f"--config.{prefix}.rank={model['rank']} must be <= "
+                              f"model.d_model={model['d_model']} "
                               f"(it is the reduced dimension of d_model){note}")
         if max(model["offsets"], default=0) >= block_size:
-            raise ConfigError(f"--config.{prefix}.offsets={tuple(model['offsets'])}: every offset must be < "
-                              f"data.block_size={block_size}, else it never sees a token{note}")
+            raise ConfigError(f"--config.{prefix}.offsets={tuple(model['offsets'])}: every offset "
+                              f"must be < data.block_size={block_size}, else it never sees a "
+                              f"token{note}")
 
 
-def check_ranges(cfg: ml_collections.ConfigDict, where: str = "", ranges: dict[str, Range] = RANGES) -> None:
-    """Every key of `ranges` that `cfg` has must lie in its range; ConfigError naming the key otherwise."""
+def check_ranges(cfg: ml_collections.ConfigDict, where: str = "",
+                 ranges: dict[str, Range] = RANGES) -> None:
+    """Every key of `ranges` that `cfg` has must lie in its range; ConfigError naming the key
+    otherwise."""
     for key, allowed in ranges.items():
         value = _lookup(cfg, key)
         if value is None or isinstance(value, bool):
             continue
         if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{where}--config.{key}={value} is not a finite number; allowed: {allowed}")
+            raise ConfigError(f"{where}--config.{key}={value} is not a finite number; "
+                              f"allowed: {allowed}")
         if not allowed.contains(value):
             raise ConfigError(f"{where}--config.{key}={value} is out of range; allowed: {allowed}")
 
@@ -256,12 +282,14 @@ def check_model(cfg: ml_collections.ConfigDict, prefix: str = "model", note: str
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """Fail early, with the key to fix and its allowed range, on values no run could use.
 
-    A comparison's own sections (arms, compare) are checked by grassjax.studies.arms.validate_comparison.
+    A comparison's own sections (arms, compare) are checked by
+    grassjax.studies.arms.validate_comparison.
     """
     check_ranges(cfg)
     check_learning_rates(cfg)
     if cfg.data.dataset not in ("tinyshakespeare", "wikitext2"):
-        raise ConfigError(f"--config.data.dataset must be tinyshakespeare or wikitext2, got {cfg.data.dataset!r}")
+        raise ConfigError(f"--config.data.dataset must be tinyshakespeare or wikitext2, "
+                          f"got {cfg.data.dataset!r}")
     if cfg.wandb.get("val_x_axis", "step") not in X_AXES:
         raise ConfigError(f"--config.wandb.val_x_axis must be one of {', '.join(X_AXES)}, "
                           f"got {cfg.wandb.val_x_axis!r}")

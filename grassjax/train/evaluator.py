@@ -1,4 +1,5 @@
-"""What the training loop measures at each evaluation: losses on fixed batches, a text sample, statistics."""
+"""What the training loop measures at each evaluation: losses on fixed batches, a text sample and
+statistics."""
 
 from __future__ import annotations
 
@@ -22,23 +23,30 @@ class Evaluator:
         tc, self.stats = config.train, config.stats
         self.tc, self.graphdef, self.model_cfg, self.vocab = tc, graphdef, model_cfg, dataset.vocab
         self.eval_loss = make_eval_step(graphdef)
-        sets = {split: data.eval_batches(tokens, batch_size=microbatch, block_size=config.data.block_size,
+        sets = {split: data.eval_batches(tokens, batch_size=microbatch,
+                                         block_size=config.data.block_size,
                                          num_batches=tc.eval_batches, seed=tc.seed)
                 for split, tokens in (("train", dataset.train), ("val", dataset.val))}
-        self.arrays = {split: tuple(replicate_host_array(a, mesh) for a in xy) for split, xy in sets.items()}
+        self.arrays = {split: tuple(replicate_host_array(a, mesh) for a in xy)
+                       for split, xy in sets.items()}
         prompt_ids = dataset.vocab.encode(tc.sample_prompt)
-        if len(prompt_ids) == 0:  # e.g. "\n" under WordPiece: start from the first validation token instead
+        # e.g. "\n" under WordPiece: start from the first validation token instead
+        if len(prompt_ids) == 0:
             prompt_ids = dataset.val[:1]
         self.prompt = jnp.asarray(prompt_ids, jnp.int32)[None]
         enabled = self.stats.enabled and model_cfg.kind == "lm"
-        self.probe = make_probe(graphdef, model_cfg, hist_bins=self.stats.hist_bins) if enabled else None
-        self.probe_tokens = replicate_host_array(sets["val"][0][0][: self.stats.probe_batch], mesh)  # fixed text
+        self.probe = (make_probe(graphdef, model_cfg, hist_bins=self.stats.hist_bins) if enabled
+                      else None)
+        # fixed text
+        self.probe_tokens = replicate_host_array(sets["val"][0][0][: self.stats.probe_batch], mesh)
 
     def compile_in_background(self, params) -> "CompileThreads":
-        """Compile the evaluation programs (losses, sample, probe), one thread each, by running them once on
-        `params` (results discarded) while the caller compiles the train step. The compiles overlap, and the
-        first evaluation no longer stops training for ~20 s of compiling on a 2-core CPU. Join before `params`
-        go to a train step that donates them."""
+        """Compile the evaluation programs (losses, sample, probe), one thread each, by running them
+        once on `params` (results discarded) while the caller compiles the train step.
+
+        The compiles overlap, and the first evaluation no longer stops training to compile (the
+        measurements are in docs/performance-log.md). Join before `params` go to a train step that
+        donates them."""
         jobs = [lambda: self.losses(params), lambda: self.sample(params, 0)]
         if self.probe is not None:
             jobs.append(lambda: jax.block_until_ready(self.probe(params, self.probe_tokens)))
@@ -47,23 +55,26 @@ class Evaluator:
     def losses(self, params) -> dict[str, float]:
         metrics = {}
         for split, (xs, ys) in self.arrays.items():
-            metrics.update(loss_report(float(self.eval_loss(params, xs, ys)), split if split == "val" else "eval_train"))
+            metrics.update(loss_report(float(self.eval_loss(params, xs, ys)),
+                                       split if split == "val" else "eval_train"))
         return metrics
 
     def sample(self, params, step: int) -> str:
         key = jax.random.fold_in(jax.random.key(self.tc.seed + 1), step)
         tokens = generation.generate(nnx.merge(self.graphdef, params), self.prompt, key,
-                                     max_new_tokens=self.tc.sample_tokens, temperature=self.tc.temperature,
-                                     top_k=self.tc.top_k or None)
+                                     max_new_tokens=self.tc.sample_tokens,
+                                     temperature=self.tc.temperature, top_k=self.tc.top_k or None)
         return self.vocab.decode(np.asarray(tokens[0]))
 
     def statistics(self, params, step: int, logger) -> dict[str, float]:
-        """Run the probe on the fixed validation text; log scalars, histograms and (optionally) images."""
+        """Run the probe on the fixed validation text; log scalars, histograms and (optionally)
+        images."""
         sc = self.stats
         scalars, maps = self.probe(params, self.probe_tokens)
         flat = flatten_scalars(scalars, self.model_cfg)
         logger.log(flat, step=step)
-        logger.log_histograms({k: (v, sc.hist_bins) for k, v in histograms(scalars).items()}, step=step)
+        logger.log_histograms({k: (v, sc.hist_bins) for k, v in histograms(scalars).items()},
+                              step=step)
         if sc.images:
             figures = map_figures(maps, self.model_cfg, layers=tuple(sc.image_layers))
             logger.log_images(figures, step=step)
@@ -73,8 +84,10 @@ class Evaluator:
                 plt.close(fig)
         return flat
 
-    def evaluate(self, params, step: int, logger, extra: dict[str, float] | None = None) -> tuple[dict[str, float], str]:
-        """The losses (with `extra`, e.g. the training clock, in the same row), a sample and the statistics."""
+    def evaluate(self, params, step: int, logger,
+                 extra: dict[str, float] | None = None) -> tuple[dict[str, float], str]:
+        """The losses (with `extra`, e.g. the training clock, in the same row), a sample and the
+        statistics."""
         metrics = {**self.losses(params), **(extra or {})}
         sample = self.sample(params, step)
         logger.log(metrics, step=step)
@@ -85,12 +98,13 @@ class Evaluator:
 
 
 class CompileThreads:
-    """`jobs` started at once, each on its own daemon thread; join() waits for all and re-raises the first
-    error one of them raised."""
+    """`jobs` started at once, each on its own daemon thread; join() waits for all and re-raises the
+    first error one of them raised."""
 
     def __init__(self, jobs):
         self.errors = []
-        self.threads = [threading.Thread(target=self._run, args=(job,), name="grassjax-compile", daemon=True)
+        self.threads = [threading.Thread(target=self._run, args=(job,), name="grassjax-compile",
+                                         daemon=True)
                         for job in jobs]
         for thread in self.threads:
             thread.start()

@@ -37,7 +37,8 @@ __all__ = ["AbortRequested", "NonFiniteLossError", "StopRequested", "TrainResult
 
 
 class StopRequested(KeyboardInterrupt):
-    """The run stopped on request (SIGINT or SIGTERM) after saving; exit_code is 128 + the signal."""
+    """The run stopped on request (SIGINT or SIGTERM) after saving; exit_code is 128 + the
+    signal."""
 
     def __init__(self, signum: int):
         super().__init__(signal.Signals(signum).name)
@@ -56,10 +57,10 @@ class StopRequest:
     """Turns the first SIGINT (Ctrl-C) or SIGTERM (Slurm, Kubernetes, preemption) into a request to
     stop after the current step and save; a second one aborts at once (AbortRequested).
 
-    The step and any checkpoint being written are allowed to finish, so the saved state is consistent.
-    Where the main thread cannot take the second signal (it waits inside a collective of a peer that is
-    gone), a watchdog thread, woken by Python's signal wakeup fd, ends the process after ABORT_GRACE_S
-    (`on_abort` first: removing half-written checkpoints).
+    The step and any checkpoint being written are allowed to finish, so the saved state is
+    consistent. Where the main thread cannot take the second signal (it waits inside a collective of
+    a peer that is gone), a watchdog thread, woken by Python's signal wakeup fd, ends the process
+    after ABORT_GRACE_S (`on_abort` first: removing half-written checkpoints).
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -74,7 +75,8 @@ class StopRequest:
         self.previous, self._wakeup = {}, None
 
     def _handle(self, signum, frame):
-        self.received += 1  # this process's own signals: a stop agreed with another process is not one
+        # this process's own signals: a stop agreed with another process is not one
+        self.received += 1
         if self.received > 1:
             self.aborting = True
             raise AbortRequested(signum)
@@ -103,8 +105,9 @@ class StopRequest:
                     with contextlib.suppress(Exception):
                         self.on_abort()
                 signum = data[-1] if data[-1] in self.SIGNALS else signal.SIGTERM
-                print(f"launch.py: error: aborted by a second {signal.Signals(signum).name} while waiting on "
-                      f"another process; nothing was saved", file=sys.__stderr__, flush=True)
+                print(f"launch.py: error: aborted by a second {signal.Signals(signum).name} while "
+                      f"waiting on another process; nothing was saved", file=sys.__stderr__,
+                      flush=True)
                 os._exit(128 + signum)
 
     def __enter__(self):
@@ -112,8 +115,10 @@ class StopRequest:
             self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
             reader, writer = socket.socketpair()
             writer.setblocking(False)
-            self._wakeup = (reader, writer, signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False))
-            threading.Thread(target=self._watch, args=(reader,), name="grassjax-abort", daemon=True).start()
+            self._wakeup = (reader, writer, signal.set_wakeup_fd(writer.fileno(),
+                                                                 warn_on_full_buffer=False))
+            threading.Thread(target=self._watch, args=(reader,), name="grassjax-abort",
+                             daemon=True).start()
         return self
 
     def __exit__(self, *exc):
@@ -166,8 +171,9 @@ class TrainClock:
             self.start += time.perf_counter() - t0
 
 
-def train(config, *, workdir: str | pathlib.Path, exp_name: str = "run", data_dir: str | None = None,
-          wandb_mode: str | None = None, print_fn: Callable[[str], None] = print,
+def train(config, *, workdir: str | pathlib.Path, exp_name: str = "run",
+          data_dir: str | None = None, wandb_mode: str | None = None,
+          print_fn: Callable[[str], None] = print,
           on_eval: Callable[[int, dict[str, float]], bool] | None = None) -> TrainResult:
     """Train `config` (an experiment ConfigDict) in `workdir`, resuming from its latest checkpoint.
 
@@ -195,20 +201,20 @@ def train(config, *, workdir: str | pathlib.Path, exp_name: str = "run", data_di
         try:
             run = open_run(config, workdir, data_dir, print_fn)
             stop.on_abort = run.checkpointer.remove_temporary
-            loop = RunLoop(run, exp_name=exp_name, wandb_mode=wandb_mode, print_fn=print_fn, stop=stop,
-                           log_dir=log_dir, on_eval=on_eval)
+            loop = RunLoop(run, exp_name=exp_name, wandb_mode=wandb_mode, print_fn=print_fn,
+                           stop=stop, log_dir=log_dir, on_eval=on_eval)
             return loop.execute()
         except OSError as err:  # a write before the loop (vocab.json, run_config.json, the logs)
-            raise WorkdirError(f"cannot write in {workdir} ({describe_os_error(err)}); free space or "
-                               f"pass another --workdir", exit_code=1) from None
+            raise WorkdirError(f"cannot write in {workdir} ({describe_os_error(err)}); free space "
+                               f"or pass another --workdir", exit_code=1) from None
         except BaseException as err:
             _end_abnormally(err, run, loop, stack)
             raise
 
 
 def _end_abnormally(err: BaseException, run: Run | None, loop: "RunLoop | None", stack) -> None:
-    """After an abort, remove half-written checkpoints; after losing a peer process, say so in one line and
-    end the process (it returns only for the errors that are raised on as they are)."""
+    """After an abort, remove half-written checkpoints; after losing a peer process, say so in one
+    line and end the process (it returns only for the errors that are raised on as they are)."""
     if run is None:
         return
     if isinstance(err, AbortRequested):
@@ -216,21 +222,24 @@ def _end_abnormally(err: BaseException, run: Run | None, loop: "RunLoop | None",
     elif isinstance(err, Exception) and peer_lost(err):
         run.checkpointer.remove_temporary()
         stack.close()  # the lock, before the exit that skips the rest
-        lost_peer_exit(loop.step if loop is not None else int(run.state.step), run.kept_message(), err)
+        lost_peer_exit(loop.step if loop is not None else int(run.state.step), run.kept_message(),
+                       err)
 
 
 class RunLoop:
-    """One invocation of a run: from the step it was restored at to train.stop_after (or the end)."""
+    """One invocation of a run: from the step it was restored at to train.stop_after (or the
+    end)."""
 
-    def __init__(self, run: Run, *, exp_name: str, wandb_mode: str | None, print_fn, stop: StopRequest,
-                 log_dir: pathlib.Path, on_eval):
+    def __init__(self, run: Run, *, exp_name: str, wandb_mode: str | None, print_fn,
+                 stop: StopRequest, log_dir: pathlib.Path, on_eval):
         setup, config = run.setup, run.config
         self.run, self.setup, self.tc = run, setup, config.train
         self.print_fn, self.stop, self.on_eval = print_fn, stop, on_eval
         self.is_main = jax.process_index() == 0
         self.state, self.step, self.history = run.state, int(run.state.step), run.history
         self.start_step = self.step
-        self.stop_at = self.tc.steps if self.tc.stop_after <= 0 else min(self.tc.steps, self.tc.stop_after)
+        self.stop_at = (self.tc.steps if self.tc.stop_after <= 0
+                        else min(self.tc.steps, self.tc.stop_after))
         self.metrics, self.sample, self.step_times = None, "", []
         self.evaluator = Evaluator(config, setup.graphdef, setup.model_cfg, setup.dataset,
                                    microbatch=setup.layout.microbatch, mesh=setup.mesh)
@@ -248,8 +257,8 @@ class RunLoop:
             with self.logger, self.progress, contextlib.closing(self.run.checkpointer):
                 finished = finished_result(self.run.workdir, self.step) \
                     if self.step >= self.stop_at else None
-                compiled = _compile_programs(self.setup, self.state, self.step, self.logger, finished,
-                                             self.evaluator)
+                compiled = _compile_programs(self.setup, self.state, self.step, self.logger,
+                                             finished, self.evaluator)
                 run_start = time.perf_counter()
                 self.clock = TrainClock(self.run.elapsed_s)  # step times are windows of this clock
                 self._train_steps(compiled[0])
@@ -259,24 +268,28 @@ class RunLoop:
                 result = self._finish(run_start, train_time, compiled, finished)
         except OSError as err:  # a full or read-only disk mid-run (metrics, images, W&B files)
             raise WorkdirError(f"cannot write in {self.run.workdir} at step {self.step} "
-                               f"({describe_os_error(err)}); the run stopped, {self.run.kept_message()}; "
-                               f"free space and rerun to resume", exit_code=1) from None
+                               f"({describe_os_error(err)}); the run stopped, "
+                               f"{self.run.kept_message()}; free space and rerun to resume",
+                               exit_code=1) from None
         if self.is_main:
-            (self.run.workdir / "result.json").write_text(json.dumps(dataclasses.asdict(result), indent=2))
+            (self.run.workdir / "result.json").write_text(json.dumps(dataclasses.asdict(result),
+                                                                     indent=2))
         best = result.best_val_loss
-        self.print_fn(f"done: {result.final_step} steps in {result.wall_time_s:.1f}s | best val loss "
-                      f"{best:.4f} ({best / math.log(2):.3f} bpc) | {result.step_time_ms:.1f} ms/step, "
-                      f"{result.tokens_per_s:,.0f} tok/s, compile {result.compile_time_s:.1f}s")
+        self.print_fn(f"done: {result.final_step} steps in {result.wall_time_s:.1f}s | best val "
+                      f"loss {best:.4f} ({best / math.log(2):.3f} bpc) | "
+                      f"{result.step_time_ms:.1f} ms/step, {result.tokens_per_s:,.0f} tok/s, "
+                      f"compile {result.compile_time_s:.1f}s")
         self.print_fn("sample:\n" + result.sample)
         return result
 
     def _train_steps(self, train_step) -> None:
-        """Step until stop_at, a stop request, or on_eval asks to stop; log, evaluate and checkpoint at
-        their cadences."""
+        """Step until stop_at, a stop request, or on_eval asks to stop; log, evaluate and checkpoint
+        at their cadences."""
         tc, run, setup = self.tc, self.run, self.setup
         window_elapsed, window_step = self.clock.elapsed(), self.step
         while self.step < self.stop_at and not self._stop_agreed():
-            self.state, self.metrics = train_step(self.state, *setup.batch_at(self.step), setup.hparams)
+            self.state, self.metrics = train_step(self.state, *setup.batch_at(self.step),
+                                                  setup.hparams)
             self.step += 1
             step = self.step
             if step % tc.log_every == 0 or step == self.stop_at:
@@ -299,39 +312,43 @@ class RunLoop:
             if step % tc.checkpoint_every == 0 and step < self.stop_at:
                 run.check_finite(self.metrics, step)  # never save a diverged state
                 with self.clock.paused():
-                    if step % tc.log_every:  # a resumed run's clock starts from the last logged value
+                    # a resumed run's clock starts from the last logged value
+                    if step % tc.log_every:
                         self.logger.log({"perf/elapsed_s": self.clock.elapsed()}, step=step)
                     run.checkpointer.save(self.state)
 
     def _stop_agreed(self) -> bool:
-        """Whether to stop now. With several processes, one that got the signal stops every one at the same
-        step (the signals are reduced over processes), so that all of them save together."""
+        """Whether to stop now. With several processes, one that got the signal stops every one at
+        the same step (the signals are reduced over processes), so that all of them save
+        together."""
         if jax.process_count() == 1:
             return self.stop.requested
         mine = self.stop.signum if self.stop.requested else 0
-        signals = np.asarray(multihost_utils.process_allgather(np.asarray(mine, np.int32))).reshape(-1)
+        signals = np.asarray(multihost_utils.process_allgather(
+            np.asarray(mine, np.int32))).reshape(-1)
         if signals.max() > 0 and not self.stop.requested:  # another process got it: stop as it does
             sender = int(np.argmax(signals > 0))
             self.stop.requested, self.stop.signum = True, int(signals.max())
-            self.print_fn(f"process {sender} got {signal.Signals(self.stop.signum).name}: stopping after this "
-                          f"step and saving a checkpoint")
+            self.print_fn(f"process {sender} got {signal.Signals(self.stop.signum).name}: stopping "
+                          f"after this step and saving a checkpoint")
         return bool(signals.max() > 0)
 
     def _evaluate(self) -> str:
-        """Losses, sample and statistics at this step, off the training clock; the state is saved as the
-        best when its val loss is the lowest so far. Returns the sample."""
+        """Losses, sample and statistics at this step, off the training clock; the state is saved as
+        the best when its val loss is the lowest so far. Returns the sample."""
         with self.clock.paused():
             t0 = time.perf_counter()
             metrics, text = self.evaluator.evaluate(self.state.params, self.step, self.logger,
                                                     {"perf/elapsed_s": self.clock.elapsed()})
-            if metrics["val/loss"] < self.run.best_val_loss and self.run.checkpointer.best_step() != self.step:
+            if (metrics["val/loss"] < self.run.best_val_loss
+                    and self.run.checkpointer.best_step() != self.step):
                 self.run.checkpointer.save_best(self.state, metrics["val/loss"])
                 self.run.best_val_loss = metrics["val/loss"]
             self.logger.log({"perf/eval_s": time.perf_counter() - t0}, step=self.step)
         self.history.append({"step": self.step, **metrics})
         if self.is_main:  # progress.write prints even where the bar is disabled
-            self.progress.write(f"step {self.step:>6} | train {metrics['eval_train/loss']:.4f} | val "
-                                f"{metrics['val/loss']:.4f} | val bpc {metrics['val/bpc']:.3f}")
+            self.progress.write(f"step {self.step:>6} | train {metrics['eval_train/loss']:.4f} | "
+                                f"val {metrics['val/loss']:.4f} | val bpc {metrics['val/bpc']:.3f}")
         return text
 
     def _stop_and_save(self, train_time: float) -> None:
@@ -342,19 +359,23 @@ class RunLoop:
                 self.logger.log({"perf/elapsed_s": train_time}, step=self.step)
         saved = self.run.checkpointer.save(self.state)
         self.progress.close()
-        self.print_fn(f"Interrupted: checkpoint saved at step {saved} in {self.run.checkpointer.directory}; "
-                      f"rerun the same command to resume.")
+        self.print_fn(f"Interrupted: checkpoint saved at step {saved} in "
+                      f"{self.run.checkpointer.directory}; rerun the same command to resume.")
         raise StopRequested(self.stop.signum)
 
-    def _finish(self, run_start: float, train_time: float, compiled, finished: dict | None) -> TrainResult:
-        """The end of training or of this invocation: a last evaluation, the checkpoint, the summary."""
+    def _finish(self, run_start: float, train_time: float, compiled,
+                finished: dict | None) -> TrainResult:
+        """The end of training or of this invocation: a last evaluation, the checkpoint, the
+        summary."""
         _, compile_time, step_memory, step_flops = compiled
         if not self.history or self.history[-1]["step"] != self.step:
             self.sample = self._evaluate()
-        elif not self.sample:  # a rerun of a finished run: its evals were recovered, and so is its sample
+        # a rerun of a finished run: its evals were recovered, and so is its sample
+        elif not self.sample:
             self.sample = finished["sample"] if finished is not None else \
                 self.evaluator.sample(self.state.params, self.step)
         self.run.checkpointer.save(self.state)
+        self._log_models()
         wall = time.perf_counter() - run_start
         best_val = min((h["val/loss"] for h in self.history), default=math.inf)
         # Median over logging windows: robust to the odd slow window (GC, another process).
@@ -364,26 +385,52 @@ class RunLoop:
         tokens_per_step = self.setup.tokens_per_step
         result = TrainResult(
             workdir=str(self.run.workdir), final_step=self.step, best_val_loss=best_val,
-            final_val_loss=self.history[-1]["val/loss"] if self.history else math.nan, wall_time_s=wall,
-            compile_time_s=compile_time, step_time_ms=1000 * step_time,
+            final_val_loss=self.history[-1]["val/loss"] if self.history else math.nan,
+            wall_time_s=wall, compile_time_s=compile_time, step_time_ms=1000 * step_time,
             tokens_per_s=tokens_per_step / step_time, step_memory_bytes=step_memory,
-            step_flops=step_flops, params=self.setup.counts, sample=self.sample, history=self.history,
-            train_time_s=train_time, tokens_per_step=tokens_per_step)
+            step_flops=step_flops, params=self.setup.counts, sample=self.sample,
+            history=self.history, train_time_s=train_time, tokens_per_step=tokens_per_step)
         self.logger.set_summary({"val/best_loss": best_val, "val/best_bpc": best_val / math.log(2),
                                  "perf/median_step_time_ms": result.step_time_ms,
-                                 "perf/median_tokens_per_s": result.tokens_per_s, "perf/wall_time_s": wall,
+                                 "perf/median_tokens_per_s": result.tokens_per_s,
+                                 "perf/wall_time_s": wall,
                                  "perf/train_time_s": result.train_time_s})
         return result
 
 
+    def _log_models(self) -> None:
+        """The final and the best checkpoint as W&B "model" artifacts, aliases "latest" and "best"
+        (one artifact with both where they are one step), each with what loading it needs. The best
+        goes first: W&B moves "latest" to the version logged last."""
+        checkpointer, workdir = self.run.checkpointer, self.run.workdir
+        if self.logger.run is None or not self.setup.config.wandb.get("log_checkpoints", True):
+            return
+        best, latest = checkpointer.best_step(), checkpointer.latest_step()
+        for step, aliases in ((best if best != latest else None, ["best"]),
+                              (latest, ["latest"] + (["best"] if best == latest else []))):
+            if step is None:
+                continue
+            folder = (checkpointer.directory if "latest" in aliases
+                      else checkpointer.best_directory)
+            metadata = {"step": step, "workdir": str(workdir), "exp": self.identity["name"]}
+            if "best" in aliases:
+                metadata["val_loss"] = self.run.best_val_loss
+            self.logger.log_artifact(f"model-{self.logger.run_id}", "model",
+                                     {"checkpoint": folder / str(step),
+                                      "run_config.json": workdir / "run_config.json",
+                                      "vocab.json": workdir / "vocab.json"},
+                                     aliases=aliases, metadata=metadata)
+
+
 def _compile_programs(setup, state, step: int, logger: RunLogger, finished: dict | None,
                       evaluator: Evaluator):
-    """(compiled train step, compile seconds, XLA's memory estimate, FLOPs), compiled ahead of the loop
-    so that step times exclude it; the evaluation programs compile beside it on other threads, and the
-    seconds count both. A rerun of a finished run trains nothing: it keeps what its training measured
-    and compiles no step."""
+    """(compiled train step, compile seconds, XLA's memory estimate, FLOPs), compiled ahead of the
+    loop so that step times exclude it; the evaluation programs compile beside it on other threads,
+    and the seconds count both. A rerun of a finished run trains nothing: it keeps what its training
+    measured and compiles no step."""
     if finished is not None:
-        return None, finished["compile_time_s"], finished["step_memory_bytes"], finished["step_flops"]
+        return (None, finished["compile_time_s"], finished["step_memory_bytes"],
+                finished["step_flops"])
     t0 = time.perf_counter()
     # One process only: a multi-process run must issue its programs in the same order everywhere.
     background = evaluator.compile_in_background(state.params) if jax.process_count() == 1 else None
@@ -416,14 +463,18 @@ def _step_metrics(config) -> dict[str, str]:
 
 def _announce(setup, logger: RunLogger, name: str, print_fn) -> None:
     layout, model_cfg, counts, tc = setup.layout, setup.model_cfg, setup.counts, setup.config.train
-    logger.set_summary({"params/total": counts["total"], "params/non_embedding": counts["non_embedding"]})
+    logger.set_summary({"params/total": counts["total"],
+                        "params/non_embedding": counts["non_embedding"]})
     print_fn(f"{name}: {model_cfg.kind}/{model_cfg.mixer} with {counts['total']:,} parameters "
-             f"({counts['non_embedding']:,} non-embedding), {tc.steps} steps of {layout.global_batch}x"
-             f"{setup.config.data.block_size} tokens ({layout.num_devices} device(s) x "
+             f"({counts['non_embedding']:,} non-embedding), {tc.steps} steps of "
+             f"{layout.global_batch}x{setup.config.data.block_size} tokens "
+             f"({layout.num_devices} device(s) x "
              f"{layout.per_device_batch} rows x {layout.grad_accum_steps} accumulation step(s))")
 
 
-def _train_metrics(loss: float, metrics, lr, step_time: float, tokens_per_step: int) -> dict[str, float]:
-    return {"train/loss": loss, "train/bpc": loss / math.log(2), "train/grad_norm": float(metrics["grad_norm"]),
+def _train_metrics(loss: float, metrics, lr, step_time: float,
+                   tokens_per_step: int) -> dict[str, float]:
+    return {"train/loss": loss, "train/bpc": loss / math.log(2),
+            "train/grad_norm": float(metrics["grad_norm"]),
             "train/update_norm": float(metrics["update_norm"]), "train/lr": float(lr),
             "perf/step_time_ms": 1000 * step_time, "perf/tokens_per_s": tokens_per_step / step_time}

@@ -30,7 +30,8 @@ class ParallelConfigError(ConfigError):
 
 @contextlib.contextmanager
 def _quiet_stdout():
-    """Send file descriptor 1 to /dev/null for a while (C++ code prints there, below Python's sys.stdout)."""
+    """Send file descriptor 1 to /dev/null for a while (C++ code prints there, below Python's
+    sys.stdout)."""
     sys.stdout.flush()
     saved = os.dup(1)
     devnull = os.open(os.devnull, os.O_WRONLY)
@@ -57,34 +58,39 @@ class DistributedError(ConfigError):
 DISTRIBUTED_TIMEOUT_S = 60  # how long jax.distributed waits for every process to join
 
 
-def initialize_distributed(coordinator_address: str | None, num_processes: int | None, process_id: int | None,
-                           timeout_s: int = DISTRIBUTED_TIMEOUT_S):
+def initialize_distributed(coordinator_address: str | None, num_processes: int | None,
+                           process_id: int | None, timeout_s: int = DISTRIBUTED_TIMEOUT_S):
     """jax.distributed.initialize for multi-process runs; a no-op when no coordinator is given.
 
-    On CPU the cross-process collectives use gloo (TCP). A process that does not join within timeout_s
-    ends the wait with one line naming which processes were expected.
+    On CPU the cross-process collectives use gloo (TCP). A process that does not join within
+    timeout_s ends the wait with one line naming which processes were expected.
     """
     if not coordinator_address:
         if num_processes not in (None, 1) or process_id not in (None, 0):
-            raise DistributedError("--num_processes/--process_id need --coordinator_address=HOST:PORT of process 0")
+            raise DistributedError("--num_processes/--process_id need "
+                                   "--coordinator_address=HOST:PORT of process 0")
         return
     host, _, port = coordinator_address.rpartition(":")
     if not host or not port.isdigit():
-        raise DistributedError(f"--coordinator_address={coordinator_address!r} must be HOST:PORT, e.g. 127.0.0.1:1234")
+        raise DistributedError(f"--coordinator_address={coordinator_address!r} must be HOST:PORT, "
+                               f"e.g. 127.0.0.1:1234")
     if num_processes is None or num_processes < 1:
-        raise DistributedError(f"--num_processes must be >= 1 with --coordinator_address, got {num_processes}")
+        raise DistributedError(f"--num_processes must be >= 1 with --coordinator_address, "
+                               f"got {num_processes}")
     if process_id is None or not 0 <= process_id < num_processes:
-        raise DistributedError(f"--process_id must be in [0, {num_processes - 1}] for --num_processes={num_processes}, "
-                               f"got {process_id}")
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU: cross-process all-reduce over TCP
-    # jax's own timeout aborts the process from C++ with a stack trace; wait in a thread with ours instead,
-    # leaving jax's as a backstop well after it.
+        raise DistributedError(f"--process_id must be in [0, {num_processes - 1}] for "
+                               f"--num_processes={num_processes}, got {process_id}")
+    # CPU: cross-process all-reduce over TCP
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # jax's own timeout aborts the process from C++ with a stack trace; wait in a thread with ours
+    # instead, leaving jax's as a backstop well after it.
     done, errors = threading.Event(), []
 
     def connect():
         try:
-            jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                                       process_id=process_id, initialization_timeout=timeout_s + 60,
+            jax.distributed.initialize(coordinator_address=coordinator_address,
+                                       num_processes=num_processes, process_id=process_id,
+                                       initialization_timeout=timeout_s + 60,
                                        heartbeat_timeout_seconds=max(10, timeout_s))
         except Exception as err:  # noqa: BLE001 - XlaRuntimeError and friends
             errors.append(err)
@@ -100,13 +106,16 @@ def initialize_distributed(coordinator_address: str | None, num_processes: int |
         else:
             missing = f"process 0 (nothing answers at {coordinator_address})"
         raise DistributedError(
-            f"process {process_id}: waited {timeout_s}s for {missing} to join; start every process with the same "
-            f"--coordinator_address and --num_processes={num_processes}, or raise --distributed_timeout",
+            f"process {process_id}: waited {timeout_s}s for {missing} to join; start every process "
+            f"with the same --coordinator_address and --num_processes={num_processes}, or raise "
+            f"--distributed_timeout",
             stuck=True)
     if errors:
         raise DistributedError(f"process {process_id}: jax.distributed could not start "
-                               f"({type(errors[0]).__name__}: {str(errors[0]).splitlines()[0][:200]})")
-    with _quiet_stdout():  # gloo prints "[Gloo] Rank i is connected..." from C++ on its first collective
+                               f"({type(errors[0]).__name__}: "
+                               f"{str(errors[0]).splitlines()[0][:200]})")
+    # gloo prints "[Gloo] Rank i is connected..." from C++ on its first collective
+    with _quiet_stdout():
         multihost_utils.process_allgather(np.zeros((), np.int32))
 
 
@@ -115,7 +124,8 @@ PEER_LOST_MARKERS = ("Connection closed by peer", "Connection reset by peer", "h
 
 
 def peer_lost(err: BaseException) -> bool:
-    """Whether `err` is a collective that failed because another process of a multi-process run is gone."""
+    """Whether `err` is a collective that failed because another process of a multi-process run is
+    gone."""
     if jax.process_count() == 1:
         return False
     seen = err
@@ -127,13 +137,14 @@ def peer_lost(err: BaseException) -> bool:
 
 
 def lost_peer_exit(step: int, kept: str, err: BaseException) -> None:
-    """One line naming the lost process and the kept checkpoint, then end this process at once: a normal
-    exit would wait in jax.distributed's shutdown barrier for the dead peer, then abort."""
+    """One line naming the lost process and the kept checkpoint, then end this process at once: a
+    normal exit would wait in jax.distributed's shutdown barrier for the dead peer, then abort."""
     others = [i for i in range(jax.process_count()) if i != jax.process_index()]
     who = f"process {others[0]}" if len(others) == 1 else f"one of processes {others}"
     reason = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
-    print(f"launch.py: error: process {jax.process_index()} lost contact with {who} at step {step} ({reason}); "
-          f"{kept}; restart every process with the same command to resume", file=sys.__stderr__, flush=True)
+    print(f"launch.py: error: process {jax.process_index()} lost contact with {who} at step {step} "
+          f"({reason}); {kept}; restart every process with the same command to resume",
+          file=sys.__stderr__, flush=True)
     sys.stdout.flush()
     os._exit(1)
 
@@ -175,8 +186,10 @@ class BatchLayout:
         return self.global_batch // self.grad_accum_steps
 
 
-def batch_layout(train_cfg, num_devices: int | None = None, num_processes: int | None = None) -> BatchLayout:
-    """From train.batch_size (global) or train.per_device_batch_size (> 0 wins), and train.grad_accum_steps."""
+def batch_layout(train_cfg, num_devices: int | None = None,
+                 num_processes: int | None = None) -> BatchLayout:
+    """From train.batch_size (global) or train.per_device_batch_size (> 0 wins), and
+    train.grad_accum_steps."""
     num_devices = num_devices or jax.device_count()
     num_processes = num_processes or jax.process_count()
     accum = int(train_cfg.grad_accum_steps)
@@ -189,8 +202,9 @@ def batch_layout(train_cfg, num_devices: int | None = None, num_processes: int |
         global_batch = int(train_cfg.batch_size)
         if global_batch % (num_devices * accum):
             raise ParallelConfigError(
-                f"--config.train.batch_size={global_batch} must be divisible by devices ({num_devices}) x "
-                f"--config.train.grad_accum_steps ({accum}); or set --config.train.per_device_batch_size")
+                f"--config.train.batch_size={global_batch} must be divisible by devices "
+                f"({num_devices}) x --config.train.grad_accum_steps ({accum}); or set "
+                f"--config.train.per_device_batch_size")
         per_device = global_batch // (num_devices * accum)
     return BatchLayout(global_batch, per_device, num_devices, accum, num_processes)
 
@@ -210,7 +224,8 @@ def replicate(tree, mesh: Mesh):
 
 
 def shard_global_batch(global_rows: np.ndarray, mesh: Mesh) -> jax.Array:
-    """A global (B, ...) batch as one jax.Array split over the mesh; each process contributes its slice.
+    """A global (B, ...) batch as one jax.Array split over the mesh; each process contributes its
+    slice.
 
     Every process computes the same global batch from (seed, step) and keeps only
     its own rows, so no data moves between hosts.
@@ -221,6 +236,7 @@ def shard_global_batch(global_rows: np.ndarray, mesh: Mesh) -> jax.Array:
 
 
 def replicate_host_array(array: np.ndarray, mesh: Mesh) -> jax.Array:
-    """A host array that every process holds identically, replicated on all devices (works multi-host)."""
+    """A host array that every process holds identically, replicated on all devices (works
+    multi-host)."""
     array = np.asarray(array)
     return jax.make_array_from_callback(array.shape, replicated(mesh), lambda index: array[index])

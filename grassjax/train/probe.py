@@ -18,7 +18,8 @@ from grassjax.nn import ModelConfig
 def make_probe(graphdef, model_cfg: ModelConfig, *, hist_bins: int = 20):
     """Returns probe(params, tokens (B, T)) -> (scalars, maps), both dicts of arrays.
 
-    scalars: per-layer statistics keyed by name ("attn/entropy/L0" -> (H,), "grassmann/gate_mean/L1" -> ()).
+    scalars: per-layer statistics keyed by name ("attn/entropy/L0" -> (H,),
+      "grassmann/gate_mean/L1" -> ()).
     maps: per-layer images for the first probe sequence:
       attention "attn/map/L{i}" (H, T, T); Grassmann "grassmann/offset_map/L{i}" (T, m)
       and "grassmann/gate_map/L{i}" (T, C).
@@ -32,16 +33,19 @@ def make_probe(graphdef, model_cfg: ModelConfig, *, hist_bins: int = 20):
             if inter is None:
                 continue
             if model_cfg.mixer == "attention":
-                for name, value in stats.attention_stats(inter["weights"], inter["max_logit"]).items():
+                for name, value in stats.attention_stats(inter["weights"],
+                                                         inter["max_logit"]).items():
                     scalars[f"attn/{name}/L{i}"] = value
                 maps[f"attn/map/L{i}"] = inter["weights"][0]
             else:
                 offsets = model_cfg.layer_offsets(i)
-                layer = stats.grassmann_stats(inter, offsets, eps=model_cfg.grassmann_eps, hist_bins=hist_bins)
+                layer = stats.grassmann_stats(inter, offsets, eps=model_cfg.grassmann_eps,
+                                              hist_bins=hist_bins)
                 for name, value in layer.items():
                     scalars[f"grassmann/{name}/L{i}"] = value
                 maps[f"grassmann/offset_map/L{i}"] = stats.offset_share_map(
-                    jax.tree_util.tree_map(lambda a: a[:1] if a.ndim > 2 else a, inter), offsets, model_cfg.grassmann_eps)
+                    jax.tree_util.tree_map(lambda a: a[:1] if a.ndim > 2 else a, inter), offsets,
+                    model_cfg.grassmann_eps)
                 maps[f"grassmann/gate_map/L{i}"] = inter["alpha"][0].astype(jnp.float32)
         return scalars, maps
 
@@ -52,7 +56,8 @@ def flatten_scalars(scalars: dict, model_cfg: ModelConfig) -> dict[str, float]:
     """Per-head / per-offset vectors -> one W&B scalar each, plus a layer mean.
 
     "attn/entropy/L0" (H,) -> "attn/entropy/L0" (mean over heads) and "attn/entropy/L0/h{k}".
-    "grassmann/offset_share/L0" (m,) -> "grassmann/offset_share/L0/d{δ}" (one per offset; repeats summed).
+    "grassmann/offset_share/L0" (m,) -> "grassmann/offset_share/L0/d{δ}" (one per offset; repeats
+    summed).
     Histograms are returned by `histograms` instead.
     """
     flat = {}
@@ -104,7 +109,8 @@ def map_figures(maps: dict, model_cfg: ModelConfig, *, layers: tuple[int, ...], 
                 ax.set_ylabel("query position")
         elif prefix == "grassmann/offset_map":
             fig, ax = plt.subplots(figsize=(4, 3.2))
-            im = ax.imshow(value, aspect="auto", cmap="magma", vmin=0.0, vmax=1.0, interpolation="nearest")
+            im = ax.imshow(value, aspect="auto", cmap="magma", vmin=0.0, vmax=1.0,
+                           interpolation="nearest")
             ax.set_title(f"layer {layer}: share of each offset", fontsize=9)
             offsets = model_cfg.layer_offsets(int(layer))
             ax.set_xticks(range(len(offsets)), [str(o) for o in offsets])
@@ -113,7 +119,8 @@ def map_figures(maps: dict, model_cfg: ModelConfig, *, layers: tuple[int, ...], 
             fig.colorbar(im, ax=ax)
         else:  # gate map
             fig, ax = plt.subplots(figsize=(5, 3.2))
-            im = ax.imshow(value, aspect="auto", cmap="coolwarm", vmin=0.0, vmax=1.0, interpolation="nearest")
+            im = ax.imshow(value, aspect="auto", cmap="coolwarm", vmin=0.0, vmax=1.0,
+                           interpolation="nearest")
             ax.set_title(f"layer {layer}: gate α (1 = keep h, 0 = take g)", fontsize=9)
             ax.set_xlabel("channel")
             ax.set_ylabel("position t")

@@ -1,5 +1,5 @@
-"""A run in its workdir: checked against the command, restored from its newest good checkpoint, and what it
-logged before that step recovered."""
+"""A run in its workdir: checked against the command, restored from its newest good checkpoint,
+and what it logged before that step recovered."""
 
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ class Run:
     state: TrainState  # restored from the newest good checkpoint, else the setup's step 0
     history: list[dict]  # the evaluations logged before state.step (a resumed run)
     elapsed_s: float  # training seconds before state.step (perf/elapsed_s of a resumed run)
-    best_val_loss: float = math.inf  # the val loss of checkpoints-best/, the bar for the next best
+    # the val loss of checkpoints-best/, the bar for the next best
+    best_val_loss: float = math.inf
 
     @property
     def config(self):
@@ -44,7 +45,8 @@ class Run:
         return f"last good checkpoint kept at step {kept} in {self.checkpointer.directory}"
 
     def check_finite(self, metrics, step: int) -> float:
-        """The step's loss as a float (it waits for the step); NonFiniteLossError if it is NaN or inf."""
+        """The step's loss as a float (it waits for the step); NonFiniteLossError if it is NaN or
+        inf."""
         loss = float(metrics["loss"])
         if not math.isfinite(loss):
             raise NonFiniteLossError(
@@ -70,9 +72,9 @@ def open_run(config, workdir: pathlib.Path, data_dir: str | None, print_fn) -> R
         try:
             state = checkpointer.restore_newest_good(state, print_fn)
         except CheckpointMismatchError as err:
-            raise WorkdirError(f"{err}: it was trained with another config; rerun with the settings it was "
-                               f"trained with, pass another --workdir, or --restart to move the old run "
-                               f"aside and start over") from None
+            raise WorkdirError(f"{err}: it was trained with another config; rerun with the "
+                               f"settings it was trained with, pass another --workdir, or "
+                               f"--restart to move the old run aside and start over") from None
         print_fn(f"Resuming from step {int(state.step)} in {checkpointer.directory}")
     # The run is this command's now.
     step = int(state.step)
@@ -82,18 +84,22 @@ def open_run(config, workdir: pathlib.Path, data_dir: str | None, print_fn) -> R
         try:
             best_loss = checkpointer.best_val_loss()
         except WorkdirError as err:
-            print_fn(f"Warning: {err}; moved to {workdir / CORRUPT_DIR}, the next improvement saves a new one")
+            print_fn(f"Warning: {err}; moved to {workdir / CORRUPT_DIR}, the next improvement "
+                     f"saves a new one")
             checkpointer.move_best_aside()
     if is_main:
         save_run_config(workdir, config.to_dict(), vocab)
-    # Forget what a crashed run logged past its last checkpoint; recover the evals and the clock before it.
+    # Forget what a crashed run logged past its last checkpoint; recover the evals and the clock
+    # before it.
     records = rewind_metrics(workdir / "metrics.jsonl", step)
     elapsed = max((r["perf/elapsed_s"] for r in records if "perf/elapsed_s" in r), default=0.0)
-    return Run(setup, workdir, checkpointer, state, [r for r in records if "val/loss" in r], elapsed, best_loss)
+    return Run(setup, workdir, checkpointer, state, [r for r in records if "val/loss" in r],
+               elapsed, best_loss)
 
 
 def finished_result(workdir: pathlib.Path, step: int) -> dict | None:
-    """result.json of a run that finished at `step` (its timing, memory, FLOPs and sample), else None."""
+    """result.json of a run that finished at `step` (its timing, memory, FLOPs and sample), else
+    None."""
     path = workdir / "result.json"
     if not path.exists():
         return None
@@ -101,5 +107,6 @@ def finished_result(workdir: pathlib.Path, step: int) -> dict | None:
         result = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    needed = {"compile_time_s", "step_memory_bytes", "step_flops", "step_time_ms", "wall_time_s", "sample"}
+    needed = {"compile_time_s", "step_memory_bytes", "step_flops", "step_time_ms", "wall_time_s",
+              "sample"}
     return result if result.get("final_step") == step and needed <= result.keys() else None

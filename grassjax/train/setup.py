@@ -1,7 +1,7 @@
 """A run's training setup in memory: data, model, optimizer state, the jitted step and its batches.
 
-No workdir here: `grassjax.train.loop.train` adds checkpoints and logs, and a time-matched comparison
-times its steps with a setup alone.
+No workdir here: `grassjax.train.loop.train` adds checkpoints and logs, and a time-matched
+comparison (grassjax/studies/) times its steps with a setup alone.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from grassjax.train.workdir import describe_os_error
 
 
 def model_config_from(config, vocab_size: int) -> ModelConfig:
-    """The ModelConfig of an experiment config: vocab from the data, block size from data.block_size."""
+    """The ModelConfig of an experiment config: vocab from the data, block size from
+    data.block_size."""
     values = dict(config.model)
     values.update(vocab_size=vocab_size, block_size=config.data.block_size)
     return ModelConfig.from_mapping(values)
@@ -32,7 +33,8 @@ def model_config_from(config, vocab_size: int) -> ModelConfig:
 class TrainingSetup:
     """Everything a run trains with, built from its config (`build`); the state is step 0."""
 
-    config: Any  # the experiment config; train.steps is resolved from train.epochs where that is set
+    # the experiment config; train.steps is resolved from train.epochs where that is set
+    config: Any
     dataset: Any
     model_cfg: ModelConfig
     graphdef: Any
@@ -52,8 +54,9 @@ class TrainingSetup:
         try:
             dataset = data.load_dataset(config.data, data_dir)
         except OSError as err:  # an unreadable file: a data problem, not the workdir's
-            raise data.DataError(f"the data could not be read or cached ({describe_os_error(err)}); make it "
-                                 f"readable, or pass --data_dir=DIR (or GRASSJAX_DATA_DIR) of a readable "
+            raise data.DataError(f"the data could not be read or cached "
+                                 f"({describe_os_error(err)}); make it readable, or pass "
+                                 f"--data_dir=DIR (or GRASSJAX_DATA_DIR) of a readable "
                                  f"copy") from None
         if tc.epochs > 0:  # the paper's budgets are in epochs: turn them into optimizer steps
             config = ml_collections.ConfigDict(config.to_dict())
@@ -65,7 +68,8 @@ class TrainingSetup:
         graphdef, params = nnx.split(model, nnx.Param)
         hparams = train_hparams(tc)
         state = replicate(init_train_state(params, hparams), mesh)
-        train_step = make_train_step(graphdef, dropout=max(model_cfg.dropout, model_cfg.attn_dropout),
+        train_step = make_train_step(graphdef,
+                                     dropout=max(model_cfg.dropout, model_cfg.attn_dropout),
                                      grad_accum_steps=layout.grad_accum_steps)
         return cls(config, dataset, model_cfg, graphdef, param_counts(model), state,
                    replicate(hparams, mesh), hparams_schedule(hparams), train_step, layout, mesh)
@@ -77,6 +81,6 @@ class TrainingSetup:
     def batch_at(self, step: int):
         """The global batch of `step`, sharded over the mesh: a pure function of (seed, step)."""
         x, y = data.sample_batch(self.dataset.train, batch_size=self.layout.global_batch,
-                                 block_size=self.config.data.block_size, seed=self.config.train.seed,
-                                 step=step)
+                                 block_size=self.config.data.block_size,
+                                 seed=self.config.train.seed, step=step)
         return shard_global_batch(x, self.mesh), shard_global_batch(y, self.mesh)

@@ -1,12 +1,11 @@
-"""Guards on a run's workdir: writable, owned by one process at a time, and resumed only by the same run.
+"""Guards on a run's workdir: writable, held by one process at a time, resumed only by the same run.
 
-* `prepare_workdir` creates the folder and proves it is writable, or raises WorkdirError with one line.
-* `WorkdirLock` holds <workdir>/lock (the owner's host and pid) while a run trains there; a second
-  process gets one line naming the owner. A lock left by a dead process on this host is taken over.
-* `check_resume` compares the resolved config saved beside the checkpoints (run_config.json) with the
-  one about to resume: keys that shape the parameters or the data must match (else one line with the
-  differing keys and the two ways out); keys in RESUMABLE may change, and a changed optimizer setting is said.
-* `move_aside` is what --restart does: the old workdir becomes <workdir>.previous-<time>, nothing is deleted.
+* `prepare_workdir` creates the folder and proves it is writable (else one-line WorkdirError).
+* `WorkdirLock` holds <workdir>/lock (host and pid) while a run trains there; a stale lock of a dead
+  process on this host is taken over.
+* `check_resume` compares run_config.json with the config about to resume: keys that shape the
+  parameters or the data must match; keys in RESUMABLE may change (optimizer changes are noted).
+* `move_aside` is --restart: the old workdir becomes <workdir>.previous-<time>, nothing is deleted.
 """
 
 from __future__ import annotations
@@ -22,14 +21,16 @@ from typing import Any, Callable
 LOCK_NAME = "lock"
 CONFIG_NAME = "run_config.json"
 VOCAB_NAME = "vocab.json"
-# Keys that may differ when a run is resumed: how long, how often, what is logged, and the optimizer's
-# settings (the NaN stop advises a lower learning rate and a rerun) -- never what the parameters are or
-# which data they see. Prefixes end with "."; every other key must match exactly.
-OPTIMIZER_KEYS = ("train.steps", "train.epochs", "train.learning_rate", "train.min_lr", "train.warmup_steps",
-                  "train.weight_decay", "train.beta1", "train.beta2", "train.grad_clip")
+# Keys that may differ when a run is resumed: how long, how often, what is logged, and the
+# optimizer's settings (the NaN stop advises a lower learning rate and a rerun) -- never what the
+# parameters are or which data they see. Prefixes end with "."; every other key must match exactly.
+OPTIMIZER_KEYS = ("train.steps", "train.epochs", "train.learning_rate", "train.min_lr",
+                  "train.warmup_steps", "train.weight_decay", "train.beta1", "train.beta2",
+                  "train.grad_clip")
 RESUMABLE = OPTIMIZER_KEYS + (
-    "train.stop_after", "train.log_every", "train.eval_every", "train.eval_batches", "train.checkpoint_every",
-    "train.keep_checkpoints", "train.sample_prompt", "train.sample_tokens", "train.temperature", "train.top_k",
+    "train.stop_after", "train.log_every", "train.eval_every", "train.eval_batches",
+    "train.checkpoint_every", "train.keep_checkpoints", "train.sample_prompt",
+    "train.sample_tokens", "train.temperature", "train.top_k",
     "stats.", "wandb.", "compare.", "arms.")
 
 
@@ -58,8 +59,9 @@ def prepare_workdir(workdir: pathlib.Path) -> pathlib.Path:
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
-        what = "is a file, not a folder" if workdir.is_file() or err.errno in (errno.EEXIST, errno.ENOTDIR) \
-            else f"is not writable ({describe_os_error(err)})"
+        what = ("is a file, not a folder"
+                if workdir.is_file() or err.errno in (errno.EEXIST, errno.ENOTDIR)
+                else f"is not writable ({describe_os_error(err)})")
         raise WorkdirError(f"workdir {workdir} {what}; pass another --workdir=DIR") from None
     return workdir
 
@@ -92,9 +94,10 @@ class WorkdirLock:
                 if host == socket.gethostname() and pid.isdigit() and not _pid_alive(int(pid)):
                     self.path.unlink(missing_ok=True)  # its owner died (kill -9): take it over
                     continue
-                raise WorkdirError(f"{self.path.parent} is in use by process {pid or '?'} on {host or '?'} "
-                                   f"(lock file {self.path}); wait for it, pass another --workdir, or delete the "
-                                   f"lock file if that process is gone") from None
+                raise WorkdirError(f"{self.path.parent} is in use by process {pid or '?'} on "
+                                   f"{host or '?'} (lock file {self.path}); wait for it, pass "
+                                   f"another --workdir, or delete the lock file if that process is "
+                                   f"gone") from None
             with os.fdopen(fd, "w") as f:
                 f.write(me + "\n")
             self.held = True
@@ -130,38 +133,43 @@ def _resumable(key: str) -> bool:
 
 
 def config_differences(saved: dict, current: dict) -> tuple[list[str], list[str]]:
-    """(keys that must match but differ, resumable keys that differ), from two config dicts. A key the
-    saved config lacks (added since it was written) counts as its default."""
+    """(keys that must match but differ, resumable keys that differ), from two config dicts. A key
+    the saved config lacks (added since it was written) counts as its default."""
     from grassjax.train.config import default_config
 
     defaults = flatten(default_config().to_dict())
     old, new = flatten(saved), flatten(current)
     old.update({k: defaults[k] for k in new.keys() - old.keys() if k in defaults})
-    differing = sorted(k for k in old.keys() | new.keys() if old.get(k, "<absent>") != new.get(k, "<absent>"))
+    differing = sorted(k for k in old.keys() | new.keys()
+                       if old.get(k, "<absent>") != new.get(k, "<absent>"))
     return [k for k in differing if not _resumable(k)], [k for k in differing if _resumable(k)]
 
 
 def check_resume(workdir: pathlib.Path, config: dict, *, has_checkpoint: bool,
                  print_fn: Callable[[str], None] = print) -> None:
-    """Refuse to resume a workdir written by another config (writes nothing; see save_run_config)."""
+    """Refuse to resume a workdir written by another config (writes nothing; see
+    save_run_config)."""
     path = workdir / CONFIG_NAME
     if not (has_checkpoint and path.exists()):
         return
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise WorkdirError(f"{path} is unreadable ({type(err).__name__}); pass another --workdir, or "
-                           f"--restart to move the old run aside and start over") from None
+        raise WorkdirError(f"{path} is unreadable ({type(err).__name__}); pass another --workdir, "
+                           f"or --restart to move the old run aside and start over") from None
     refused, changed = config_differences(saved, config)
     old, new = flatten(saved), flatten(config)
     if refused:
-        diffs = ", ".join(f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in refused[:6])
+        diffs = ", ".join(f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
+                          for k in refused[:6])
         more = f" (and {len(refused) - 6} more)" if len(refused) > 6 else ""
-        raise WorkdirError(f"{workdir} holds a run with another config ({diffs}{more}); pass another "
-                           f"--workdir, or --restart to move the old run aside and start over")
-    for key in (k for k in changed if k in OPTIMIZER_KEYS):  # allowed, but it changes the run: say so
-        print_fn(f"Note: {key} changed from {old.get(key)} to {new.get(key)} on resume: the learning-rate "
-                 f"schedule and optimizer use the new value from here on")
+        raise WorkdirError(f"{workdir} holds a run with another config ({diffs}{more}); pass "
+                           f"another --workdir, or --restart to move the old run aside and start "
+                           f"over")
+    # allowed, but it changes the run: say so
+    for key in (k for k in changed if k in OPTIMIZER_KEYS):
+        print_fn(f"Note: {key} changed from {old.get(key)} to {new.get(key)} on resume: the "
+                 f"learning-rate schedule and optimizer use the new value from here on")
 
 
 def check_vocab(workdir: pathlib.Path, vocab: dict) -> None:
@@ -176,22 +184,25 @@ def check_vocab(workdir: pathlib.Path, vocab: dict) -> None:
     if saved != vocab:
         sizes = f": {len(saved['chars'])} characters, this text {len(vocab['chars'])}" \
             if "chars" in saved and "chars" in vocab else ""
-        raise WorkdirError(f"{workdir} holds a run trained on another text (its {VOCAB_NAME} differs{sizes}); "
-                           f"pass the --data_dir it was trained on, another --workdir, or --restart to move "
-                           f"the old run aside and start over")
+        raise WorkdirError(f"{workdir} holds a run trained on another text (its {VOCAB_NAME} "
+                           f"differs{sizes}); pass the --data_dir it was trained on, another "
+                           f"--workdir, or --restart to move the old run aside and start over")
 
 
 def save_run_config(workdir: pathlib.Path, config: dict, vocab: dict) -> None:
     """run_config.json and vocab.json: what the next resume, --mode=sample and load_run read."""
     for name, value in ((CONFIG_NAME, config), (VOCAB_NAME, vocab)):
-        text = json.dumps(value, indent=1, sort_keys=True) + "\n" if name == CONFIG_NAME else json.dumps(value)
+        text = (json.dumps(value, indent=1, sort_keys=True) + "\n" if name == CONFIG_NAME
+                else json.dumps(value))
         path = workdir / name
         if not path.exists() or path.read_text() != text:
             path.write_text(text)
 
 
-def move_aside(workdir: pathlib.Path, print_fn: Callable[[str], None] = print) -> pathlib.Path | None:
-    """--restart: rename workdir to <workdir>.previous-<UTC time> (nothing is deleted); the new name, or None.
+def move_aside(workdir: pathlib.Path,
+               print_fn: Callable[[str], None] = print) -> pathlib.Path | None:
+    """--restart: rename workdir to <workdir>.previous-<UTC time> (nothing is deleted); the new
+    name, or None.
 
     Refused while another live process holds the workdir's lock.
     """
@@ -204,8 +215,9 @@ def move_aside(workdir: pathlib.Path, print_fn: Callable[[str], None] = print) -
         try:
             workdir.rename(target)
         except OSError as err:
-            raise WorkdirError(f"--restart could not move {workdir} aside ({describe_os_error(err)}); "
-                               f"move it yourself or pass another --workdir") from None
+            raise WorkdirError(f"--restart could not move {workdir} aside "
+                               f"({describe_os_error(err)}); move it yourself or pass another "
+                               f"--workdir") from None
     (target / LOCK_NAME).unlink(missing_ok=True)  # released by the rename's side of the lock
     print_fn(f"--restart: moved the previous run to {target}")
     return target
