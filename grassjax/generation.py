@@ -239,12 +239,17 @@ def stream_tokens(model, prompt_ids, key: jax.Array, *, num_tokens: int, tempera
             pos += 1
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_tokens", "temperature", "top_k"))
-def _sample_cached(graphdef, state, prompt, key, *, num_tokens, temperature, top_k):
+SAMPLE_STATIC = ("graphdef", "num_tokens", "temperature", "top_k")
+
+
+def sample_cached_program(graphdef, state, prompt, key, *, num_tokens, temperature, top_k):
+    """`sample_cached`'s program, to jit (`graphdef` and the keywords static) with other compiler
+    options."""
     model = nnx.merge(graphdef, state)
     block, (B, P) = model.cfg.block_size, prompt.shape
     half = block // 2
-    buf = jnp.zeros((B, P + num_tokens), jnp.int32).at[:, :P].set(prompt)
+    # at least `half` long: the refill slices that many (it runs only once the cache is full)
+    buf = jnp.zeros((B, max(P + num_tokens, half)), jnp.int32).at[:, :P].set(prompt)
     logits, caches = prefill(model, prompt, block)
 
     def body(i, carry):  # draws the token at position P + i
@@ -264,7 +269,10 @@ def _sample_cached(graphdef, state, prompt, key, *, num_tokens, temperature, top
         return buf, logits, caches, pos, key
 
     carry = (buf, logits, caches, jnp.int32(P), key)
-    return jax.lax.fori_loop(0, num_tokens, body, carry)[0][:, P:]
+    return jax.lax.fori_loop(0, num_tokens, body, carry)[0][:, P:P + num_tokens]
+
+
+_sample_cached = jax.jit(sample_cached_program, static_argnames=SAMPLE_STATIC)
 
 
 def sample_cached(model, prompt_ids, key: jax.Array, *, num_tokens: int, temperature: float = 1.0,

@@ -116,3 +116,33 @@ def test_crossover_is_the_first_T_from_which_grassmann_stays_faster():
     summary = scaling.format_summary(scaling.compute_ratios(rows, cfg.bench), [])
     assert "faster than attention_cudnn (mixer alone) from T=1024 on" in summary
     assert "faster than attention (mixer alone) at no T up to 1024" in summary
+
+
+def test_end_to_end_benchmark_splits_a_command_into_phases_that_add_up(tmp_path, text_data_dir):
+    """The phases come from the run's own timestamps and timers; only the interpreter's start-up is
+    the parent's, so what they leave out of the wall time is real overhead, and it must be small."""
+    import json
+
+    from experiments.benchmarks import benchmark_end_to_end
+    from grassjax.bench.end_to_end import run_end_to_end_benchmark
+    from grassjax.runlog import offline
+    from tests.conftest import TINY_OVERRIDES
+
+    cfg = benchmark_end_to_end()
+    cfg.bench.update(commands=("grassmann_shakespeare", "bigram_shakespeare"), rounds=2,
+                     extra_flags=tuple(f"--config.{k}={v}" for k, v in
+                                       {**TINY_OVERRIDES, "train.steps": "40"}.items()))
+    results = run_end_to_end_benchmark(cfg, workdir=tmp_path / "e2e", exp_name="benchmark_end_to_end",
+                                       data_dir=str(text_data_dir), wandb_mode="offline")
+    saved = json.loads((tmp_path / "e2e" / "results.json").read_text())
+    assert [[r["command"] for r in rnd] for rnd in saved["rounds"]] == [
+        ["grassmann_shakespeare", "bigram_shakespeare"], ["bigram_shakespeare", "grassmann_shakespeare"]]
+    for run in (r for rnd in results["rounds"] for r in rnd):
+        phases = run["phases"]
+        assert all(v >= 0 for v in phases.values()) and phases["steps"] > 0 and phases["compilation"] > 0
+        assert abs(run["accounted_s"] - run["wall_s"]) < 0.05 * run["wall_s"], (run["accounted_s"], run["wall_s"])
+        assert run["steps"] == 40 and run["load_avg_1m"] >= 0
+    assert set(results["summary"]) == {"grassmann_shakespeare", "bigram_shakespeare"}
+    assert (tmp_path / "e2e" / "end_to_end.png").stat().st_size > 5000
+    history = set().union(*offline.read_history(tmp_path / "e2e"))
+    assert {"wall_s/grassmann_shakespeare", "wall_s/bigram_shakespeare"} <= history

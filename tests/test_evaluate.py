@@ -6,7 +6,7 @@ import pytest
 
 import experiments
 from grassjax import generation
-from grassjax.train.evaluator import CompileThreads, Evaluator
+from grassjax.train.evaluator import BackgroundJobs, Evaluator
 from grassjax.train.setup import TrainingSetup
 from tests.conftest import TINY_OVERRIDES
 
@@ -39,7 +39,7 @@ def test_an_error_on_a_compile_thread_is_raised_by_join_after_every_thread_ends(
     def fail():
         raise ValueError("out of memory while compiling")
 
-    threads = CompileThreads([fail, lambda: done.append(True)])
+    threads = BackgroundJobs([fail, lambda: done.append(True)])
     with pytest.raises(ValueError, match="out of memory while compiling"):
         threads.join()
     assert done == [True] and not any(t.is_alive() for t in threads.threads)

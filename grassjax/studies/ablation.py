@@ -20,8 +20,8 @@ def waterfall(rows: list[dict], *, reference: str, baseline: str,
     """How much of the `reference` arm's gap to `baseline` each other arm closes.
 
     gap = L(reference) - L(baseline), L the headline val loss (best checkpoint, whole validation
-    split, mean over seeds), in nats/token. For arm a, closed = L(reference) - L(a) and closed_share =
-    closed / gap: 0 = no better than the reference, 1 = all the way to the baseline, > 1 = beyond
+    split, mean over seeds), in nats/token. For arm a, closed = L(reference) - L(a) and
+    closed_share = closed / gap: 0 = no better than the reference, 1 = all the way to the baseline, > 1 = beyond
     it, < 0 = worse than the reference. closed_se is the standard error of `closed` from the seed
     spreads of both arms (0 with one seed).
     """

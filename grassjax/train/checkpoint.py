@@ -131,18 +131,24 @@ class Checkpointer:
     run being used)."""
 
     def __init__(self, workdir: str | pathlib.Path, *, max_to_keep: int = 2,
-                 read_only: bool = False):
+                 read_only: bool = False, asynchronous: bool = False):
         self.workdir = pathlib.Path(workdir).resolve()
         self.directory = self.workdir / "checkpoints"
         self.best_directory = self.workdir / BEST_DIR
         self.max_to_keep, self.read_only = max_to_keep, read_only
+        # asynchronous: a save returns once the arrays are on the host; the files are written in the
+        # background and renamed when whole (so a kill still leaves only whole checkpoints). Single
+        # process only: orbax's background barriers would interleave with the training collectives.
+        self.asynchronous = asynchronous and jax.process_count() == 1
+        self._pending: list[tuple[ocp.CheckpointManager, str]] = []  # saves still being written
+        self._saved: dict[str, int] = {}  # the step each manager last saved
         self.manager = self._manager(self.directory, max_to_keep)
         self._best = None  # the best's manager, made when first needed
 
     def _manager(self, directory: pathlib.Path, max_to_keep: int) -> ocp.CheckpointManager:
         with quiet_library():  # it reads every step's metadata, which may be a corrupt one
             options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
-                                                   enable_async_checkpointing=False,
+                                                   enable_async_checkpointing=self.asynchronous,
                                                    create=not self.read_only,
                                                    read_only=self.read_only)
             return ocp.CheckpointManager(directory, options=options,
@@ -177,10 +183,15 @@ class Checkpointer:
                                f"unreadable ({_first_line(err)})") from None
 
     # --------------------------------------------------------------------------------------- saving
-    def save(self, state: TrainState) -> int:
+    def save(self, state: TrainState, *, wait: bool = False) -> int:
+        """Save `state` (unless its step is saved already); with `wait`, return once every pending
+        save is on disk."""
         step = int(jax.device_get(state.step))
-        if self.manager.latest_step() != step:
+        if self._saved.get("latest", self.manager.latest_step()) != step:
             self._write(self.manager, step, state, what=f"the checkpoint of step {step}")
+            self._saved["latest"] = step
+        if wait:
+            self.wait()
         return step
 
     def save_best(self, state: TrainState, val_loss: float) -> int:
@@ -189,15 +200,37 @@ class Checkpointer:
         step = int(jax.device_get(state.step))
         self._write(self.best_manager, step, state, what=f"the best checkpoint (step {step})",
                     custom_metadata={"val_loss": float(val_loss), "step": step})
+        self._saved["best"] = step
         return step
+
+    def saved_best_step(self) -> int | None:
+        """The best checkpoint's step, counting one still being written."""
+        return self._saved.get("best", self.best_step())
+
+    def wait(self) -> None:
+        """Until every save is on disk; WorkdirError (one line) for one that failed."""
+        while self._pending:
+            manager, what = self._pending.pop(0)
+            self._guarded(manager, what, manager.wait_until_finished)
 
     def _write(self, manager, step: int, state: TrainState, *, what: str,
                custom_metadata=None) -> None:
+        self.wait()  # a failure of the previous save is reported as that save's
+
+        def write():
+            manager.save(step, args=ocp.args.StandardSave(state._asdict()), force=True,
+                         custom_metadata=custom_metadata or {})
+            if not self.asynchronous:
+                manager.wait_until_finished()
+
+        self._guarded(manager, what, write)
+        if self.asynchronous:
+            self._pending.append((manager, what))
+
+    def _guarded(self, manager, what: str, action) -> None:
         try:
             with quiet_library():
-                manager.save(step, args=ocp.args.StandardSave(state._asdict()), force=True,
-                             custom_metadata=custom_metadata or {})
-                manager.wait_until_finished()
+                action()
         except Exception as err:  # noqa: BLE001 - orbax raises ValueError, wraps OSError, ...
             if peer_lost(err):  # a collective save whose other writers are gone: the loop says so
                 raise
@@ -325,6 +358,9 @@ class Checkpointer:
         self._best = None
 
     def close(self):
-        self.manager.close()
-        if self._best is not None:
-            self._best.close()
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
+            if self._best is not None:
+                self._best.close()

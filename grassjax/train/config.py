@@ -67,6 +67,7 @@ def default_config() -> ml_collections.ConfigDict:
         enabled=True,  # attention / Grassmann statistics on a fixed probe batch at each eval
         probe_batch=4,  # sequences in the probe batch (the first is drawn in the maps)
         images=True,  # attention maps, offset and gate maps, as images
+        images_every_eval=False,  # False: images at the first and the last evaluation only
         image_layers=(0, -1),  # which layers get images (negative counts from the end)
         hist_bins=20,
     ))

@@ -28,9 +28,10 @@ from tqdm.auto import tqdm
 
 from grassjax.compiled import compiled_flops, compiled_memory_bytes
 from grassjax.runlog import RunLogger
-from grassjax.train.evaluator import Evaluator
+from grassjax.train.evaluator import BackgroundJobs, Evaluator
 from grassjax.train.parallel import lost_peer_exit, peer_lost
 from grassjax.train.resume import NonFiniteLossError, Run, finished_result, open_run
+from grassjax.train.timeline import PROCESS
 from grassjax.train.workdir import WorkdirError, WorkdirLock, describe_os_error, prepare_workdir
 
 __all__ = ["AbortRequested", "NonFiniteLossError", "StopRequested", "TrainResult", "train"]
@@ -244,21 +245,33 @@ class RunLoop:
         self.evaluator = Evaluator(config, setup.graphdef, setup.model_cfg, setup.dataset,
                                    microbatch=setup.layout.microbatch, mesh=setup.mesh)
         self.identity = _wandb_identity(config, exp_name)
-        self.logger = RunLogger(workdir=log_dir, config=config.to_dict(), print_fn=print_fn,
-                                job_type="train", mode=wandb_mode if self.is_main else "disabled",
-                                step_metrics=_step_metrics(config), **self.identity)
+        self.timeline = PROCESS
+        self.logger: RunLogger | None = None  # started beside the compilation (W&B waits on I/O)
+        self._logger_args = dict(workdir=log_dir, config=config.to_dict(), print_fn=print_fn,
+                                 job_type="train", mode=wandb_mode if self.is_main else "disabled",
+                                 step_metrics=_step_metrics(config), **self.identity)
         self.progress = tqdm(total=self.stop_at, initial=self.step, desc=self.identity["name"],
                              dynamic_ncols=True, disable=None if self.is_main else True)
         self.clock: TrainClock | None = None  # started once the programs are compiled
 
     def execute(self) -> TrainResult:
-        _announce(self.setup, self.logger, self.identity["name"], self.print_fn)
+        _announce(self.setup, self.identity["name"], self.print_fn)
+        starting = BackgroundJobs([lambda: RunLogger(**self._logger_args)])  # W&B, beside compiling
         try:
-            with self.logger, self.progress, contextlib.closing(self.run.checkpointer):
+            with contextlib.ExitStack() as stack:
+                stack.callback(_finish_unclaimed, starting, self)
+                stack.enter_context(self.progress)
+                stack.enter_context(contextlib.closing(self.run.checkpointer))
                 finished = finished_result(self.run.workdir, self.step) \
                     if self.step >= self.stop_at else None
-                compiled = _compile_programs(self.setup, self.state, self.step, self.logger,
-                                             finished, self.evaluator)
+                self.timeline.mark("compile_start")
+                compiled = _compile_programs(self.setup, self.state, self.step, finished,
+                                             self.evaluator)
+                self.timeline.mark("compile_end")
+                with self.timeline.timed("wandb"):  # what waiting for W&B costs beyond that
+                    self.logger = starting.join()[0]
+                stack.enter_context(self.logger)
+                _log_start(self.setup, self.logger, self.step, compiled)
                 run_start = time.perf_counter()
                 self.clock = TrainClock(self.run.elapsed_s)  # step times are windows of this clock
                 self._train_steps(compiled[0])
@@ -266,6 +279,7 @@ class RunLoop:
                 if self._stop_agreed():
                     self._stop_and_save(train_time)
                 result = self._finish(run_start, train_time, compiled, finished)
+                self.timeline.mark("shutdown")  # W&B's finish, then the files below
         except OSError as err:  # a full or read-only disk mid-run (metrics, images, W&B files)
             raise WorkdirError(f"cannot write in {self.run.workdir} at step {self.step} "
                                f"({describe_os_error(err)}); the run stopped, "
@@ -280,6 +294,9 @@ class RunLoop:
                       f"{result.step_time_ms:.1f} ms/step, {result.tokens_per_s:,.0f} tok/s, "
                       f"compile {result.compile_time_s:.1f}s")
         self.print_fn("sample:\n" + result.sample)
+        self.timeline.mark("end")
+        if self.is_main:
+            self.timeline.write(self.run.workdir / "timeline.json", train_time)
         return result
 
     def _train_steps(self, train_step) -> None:
@@ -296,7 +313,8 @@ class RunLoop:
                 loss = run.check_finite(self.metrics, step)  # waits for the step: training time
                 elapsed = self.clock.elapsed()
                 self.step_times.append((elapsed - window_elapsed) / (step - window_step))
-                with self.clock.paused():  # logging is not training time (a first W&B call is slow)
+                # logging is not training time (a first W&B call is slow)
+                with self.clock.paused(), self.timeline.timed("logging"):
                     self.logger.log({**_train_metrics(loss, self.metrics, setup.schedule(step - 1),
                                                       self.step_times[-1], setup.tokens_per_step),
                                      "perf/elapsed_s": elapsed}, step=step)
@@ -311,7 +329,7 @@ class RunLoop:
                     return
             if step % tc.checkpoint_every == 0 and step < self.stop_at:
                 run.check_finite(self.metrics, step)  # never save a diverged state
-                with self.clock.paused():
+                with self.clock.paused(), self.timeline.timed("checkpoints"):
                     # a resumed run's clock starts from the last logged value
                     if step % tc.log_every:
                         self.logger.log({"perf/elapsed_s": self.clock.elapsed()}, step=step)
@@ -338,13 +356,17 @@ class RunLoop:
         the best when its val loss is the lowest so far. Returns the sample."""
         with self.clock.paused():
             t0 = time.perf_counter()
-            metrics, text = self.evaluator.evaluate(self.state.params, self.step, self.logger,
-                                                    {"perf/elapsed_s": self.clock.elapsed()})
+            with self.timeline.timed("evaluations"):
+                metrics, text = self.evaluator.evaluate(self.state.params, self.step, self.logger,
+                                                        {"perf/elapsed_s": self.clock.elapsed()})
+            eval_s = time.perf_counter() - t0
             if (metrics["val/loss"] < self.run.best_val_loss
-                    and self.run.checkpointer.best_step() != self.step):
-                self.run.checkpointer.save_best(self.state, metrics["val/loss"])
+                    and self.run.checkpointer.saved_best_step() != self.step):
+                with self.timeline.timed("checkpoints"):
+                    self.run.checkpointer.save_best(self.state, metrics["val/loss"])
                 self.run.best_val_loss = metrics["val/loss"]
-            self.logger.log({"perf/eval_s": time.perf_counter() - t0}, step=self.step)
+            with self.timeline.timed("logging"):
+                self.logger.log({"perf/eval_s": eval_s}, step=self.step)
         self.history.append({"step": self.step, **metrics})
         if self.is_main:  # progress.write prints even where the bar is disabled
             self.progress.write(f"step {self.step:>6} | train {metrics['eval_train/loss']:.4f} | "
@@ -357,7 +379,7 @@ class RunLoop:
             self.run.check_finite(self.metrics, self.step)
             if self.step % self.tc.log_every:
                 self.logger.log({"perf/elapsed_s": train_time}, step=self.step)
-        saved = self.run.checkpointer.save(self.state)
+        saved = self.run.checkpointer.save(self.state, wait=True)
         self.progress.close()
         self.print_fn(f"Interrupted: checkpoint saved at step {saved} in "
                       f"{self.run.checkpointer.directory}; rerun the same command to resume.")
@@ -374,8 +396,10 @@ class RunLoop:
         elif not self.sample:
             self.sample = finished["sample"] if finished is not None else \
                 self.evaluator.sample(self.state.params, self.step)
-        self.run.checkpointer.save(self.state)
-        self._log_models()
+        with self.timeline.timed("checkpoints"):
+            self.run.checkpointer.save(self.state, wait=True)  # every save on disk before the end
+        with self.timeline.timed("logging"):
+            self._log_models()
         wall = time.perf_counter() - run_start
         best_val = min((h["val/loss"] for h in self.history), default=math.inf)
         # Median over logging windows: robust to the odd slow window (GC, another process).
@@ -422,8 +446,7 @@ class RunLoop:
                                      aliases=aliases, metadata=metadata)
 
 
-def _compile_programs(setup, state, step: int, logger: RunLogger, finished: dict | None,
-                      evaluator: Evaluator):
+def _compile_programs(setup, state, step: int, finished: dict | None, evaluator: Evaluator):
     """(compiled train step, compile seconds, XLA's memory estimate, FLOPs), compiled ahead of the
     loop so that step times exclude it; the evaluation programs compile beside it on other threads,
     and the seconds count both. A rerun of a finished run trains nothing: it keeps what its training
@@ -440,10 +463,24 @@ def _compile_programs(setup, state, step: int, logger: RunLogger, finished: dict
         if background is not None:
             background.join()  # before the first step donates state.params
     compile_time = time.perf_counter() - t0
-    memory, flops = compiled_memory_bytes(compiled), compiled_flops(compiled)
+    return compiled, compile_time, compiled_memory_bytes(compiled), compiled_flops(compiled)
+
+
+def _finish_unclaimed(starting: "BackgroundJobs", loop: "RunLoop") -> None:
+    """A logger whose start the run never waited for (it failed first): finish it too."""
+    if loop.logger is None:
+        with contextlib.suppress(BaseException):
+            logger = starting.join()[0]
+            logger.finish(exit_code=1)
+
+
+def _log_start(setup, logger: RunLogger, step: int, compiled) -> None:
+    _, compile_time, memory, _ = compiled
+    counts = setup.counts
+    logger.set_summary({"params/total": counts["total"],
+                        "params/non_embedding": counts["non_embedding"]})
     logger.log({"perf/compile_time_s": compile_time,
                 **({} if memory is None else {"perf/step_memory_mb": memory / 2**20})}, step=step)
-    return compiled, compile_time, memory, flops
 
 
 def _wandb_identity(config, exp_name: str) -> dict[str, Any]:
@@ -461,10 +498,8 @@ def _step_metrics(config) -> dict[str, str]:
     return {} if axis == "step" else {"val/*": axis, "eval_train/*": axis}
 
 
-def _announce(setup, logger: RunLogger, name: str, print_fn) -> None:
+def _announce(setup, name: str, print_fn) -> None:
     layout, model_cfg, counts, tc = setup.layout, setup.model_cfg, setup.counts, setup.config.train
-    logger.set_summary({"params/total": counts["total"],
-                        "params/non_embedding": counts["non_embedding"]})
     print_fn(f"{name}: {model_cfg.kind}/{model_cfg.mixer} with {counts['total']:,} parameters "
              f"({counts['non_embedding']:,} non-embedding), {tc.steps} steps of "
              f"{layout.global_batch}x{setup.config.data.block_size} tokens "

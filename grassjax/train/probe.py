@@ -15,7 +15,7 @@ from grassjax.functional import stats
 from grassjax.nn import ModelConfig
 
 
-def make_probe(graphdef, model_cfg: ModelConfig, *, hist_bins: int = 20):
+def make_probe(graphdef, model_cfg: ModelConfig, *, hist_bins: int = 20, compiler_options=None):
     """Returns probe(params, tokens (B, T)) -> (scalars, maps), both dicts of arrays.
 
     scalars: per-layer statistics keyed by name ("attn/entropy/L0" -> (H,),
@@ -49,7 +49,7 @@ def make_probe(graphdef, model_cfg: ModelConfig, *, hist_bins: int = 20):
                 maps[f"grassmann/gate_map/L{i}"] = inter["alpha"][0].astype(jnp.float32)
         return scalars, maps
 
-    return jax.jit(probe)
+    return jax.jit(probe, compiler_options=compiler_options)
 
 
 def flatten_scalars(scalars: dict, model_cfg: ModelConfig) -> dict[str, float]:

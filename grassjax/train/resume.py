@@ -13,6 +13,7 @@ import jax
 from grassjax.runlog import rewind_metrics
 from grassjax.train.checkpoint import CORRUPT_DIR, CheckpointMismatchError, Checkpointer
 from grassjax.train.setup import TrainingSetup
+from grassjax.train.timeline import PROCESS
 from grassjax.train.step import TrainState
 from grassjax.train.workdir import WorkdirError, check_resume, check_vocab, save_run_config
 
@@ -60,9 +61,12 @@ def open_run(config, workdir: pathlib.Path, data_dir: str | None, print_fn) -> R
 
     A refusal (another config, another text, a model of another shape) leaves every file as it was.
     """
+    PROCESS.mark("setup_start")
     setup = TrainingSetup.build(config, data_dir)
+    PROCESS.mark("setup_end")
     config, is_main = setup.config, jax.process_index() == 0
-    checkpointer = Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints)
+    checkpointer = Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints,
+                                asynchronous=True)
     has_checkpoint = checkpointer.latest_step() is not None
     vocab = setup.dataset.vocab.to_dict()
     check_resume(workdir, config.to_dict(), has_checkpoint=has_checkpoint, print_fn=print_fn)

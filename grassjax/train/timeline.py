@@ -41,9 +41,9 @@ class Timeline:
         return {
             "start-up: launch.py to the run": m["setup_start"] - first,
             "start-up: data and model": m["setup_end"] - m["setup_start"],
-            "start-up: checks, restore, W&B": m["compile_start"] - m["setup_end"] - t["wandb"],
-            "start-up: W&B": t["wandb"],
+            "start-up: checks and restore": m["compile_start"] - m["setup_end"],
             "compilation": m["compile_end"] - m["compile_start"],
+            "W&B start, beyond the compilation": t["wandb"],
             "steps": train_s,
             "evaluations": t["evaluations"],
             "checkpoints": t["checkpoints"],
