@@ -122,7 +122,8 @@ def use_trained_run(mode: str, workdir: str):
 def main(argv):
     from grassjax.train.timeline import PROCESS
 
-    PROCESS.mark("main")  # benchmark_end_to_end: what came before is the interpreter and the imports
+    # benchmark_end_to_end: what came before this mark is the interpreter and the imports
+    PROCESS.mark("main")
     logging.set_verbosity(logging.WARNING)  # keep orbax / JAX info chatter off the console
     if FLAGS.reuse_host_memory:
         from grassjax.host import keep_freed_memory

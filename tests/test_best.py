@@ -193,12 +193,14 @@ def test_a_comparison_reports_the_best_and_the_final_model_of_each_arm(tmp_path,
     assert grass["delta_loss"] == pytest.approx(grass["val_loss"] - base)  # gaps on the best checkpoints
 
 
-def test_the_best_and_the_final_checkpoint_reach_wandb_as_model_artifacts(tmp_path, text_data_dir):
+def test_the_best_and_the_final_checkpoint_reach_wandb_as_model_artifacts(tmp_path, text_data_dir,
+                                                                          capfd):
     from grassjax.runlog import offline
 
     workdir = tmp_path / "run"
     run = lambda **extra: experiments_run(workdir, text_data_dir, **extra)  # noqa: E731
     run()
+    assert "artifact" not in capfd.readouterr().err  # W&B's own lines stay off the console
     best = Checkpointer(workdir, read_only=True).best_step()
     models = [a for a in offline.read_artifacts(workdir) if a["type"] == "model"]
     run_id = (workdir / "wandb_run_id").read_text().strip()

@@ -238,10 +238,11 @@ class RunLogger:
         artifact = wandb.Artifact(name, type=kind, metadata=json_safe(metadata or {}))
         for target, path in files.items():
             path = pathlib.Path(path)
-            if path.is_dir():
-                artifact.add_dir(str(path), name=target)
-            else:
-                artifact.add_file(str(path), name=target)
+            # file by file: add_dir prints a line of its own on the console
+            for file in (sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir()
+                         else [path]):
+                name = target if file == path else f"{target}/{file.relative_to(path).as_posix()}"
+                artifact.add_file(str(file), name=name)
         self.run.log_artifact(artifact, aliases=list(aliases))
 
     def set_summary(self, values: dict[str, Any]) -> None:

@@ -21,9 +21,9 @@ def waterfall(rows: list[dict], *, reference: str, baseline: str,
 
     gap = L(reference) - L(baseline), L the headline val loss (best checkpoint, whole validation
     split, mean over seeds), in nats/token. For arm a, closed = L(reference) - L(a) and
-    closed_share = closed / gap: 0 = no better than the reference, 1 = all the way to the baseline, > 1 = beyond
-    it, < 0 = worse than the reference. closed_se is the standard error of `closed` from the seed
-    spreads of both arms (0 with one seed).
+    closed_share = closed / gap: 0 = no better than the reference, 1 = all the way to the baseline,
+    > 1 = beyond it, < 0 = worse than the reference. closed_se is the standard error of `closed`
+    from the seed spreads of both arms (0 with one seed).
     """
     by_arm = {r["arm"]: r for r in rows}
     ref, base = by_arm[reference], by_arm[baseline]

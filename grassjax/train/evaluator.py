@@ -43,7 +43,8 @@ class Evaluator:
         self.probe = (make_probe(graphdef, model_cfg, hist_bins=self.stats.hist_bins,
                                  compiler_options=QUICK_COMPILE) if enabled else None)
         self._sample = jax.jit(generation.sample_cached_program,
-                               static_argnames=generation.SAMPLE_STATIC, compiler_options=QUICK_COMPILE)
+                               static_argnames=generation.SAMPLE_STATIC,
+                               compiler_options=QUICK_COMPILE)
         # fixed text
         self.probe_tokens = replicate_host_array(sets["val"][0][0][: self.stats.probe_batch], mesh)
 
