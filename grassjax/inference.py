@@ -249,10 +249,14 @@ def sample_run(workdir, *, prompt: str = "\n", num_tokens: int = 500, temperatur
     import sys
     import time
 
-    if (num_tokens < 1 or num_samples < 1 or not math.isfinite(temperature) or temperature < 0
-            or top_k < 0):
-        raise RunError(f"--num_tokens ({num_tokens}) and --num_samples ({num_samples}) must be "
-                       f">= 1, --temperature ({temperature}) and --top_k ({top_k}) >= 0")
+    wrong = [f"--{name} must be {rule}, got {value}" for name, value, rule, ok in (
+        ("num_tokens", num_tokens, ">= 1", num_tokens >= 1),
+        ("num_samples", num_samples, ">= 1", num_samples >= 1),
+        ("temperature", temperature, "a finite number >= 0 (0 = greedy)",
+         math.isfinite(temperature) and temperature >= 0),
+        ("top_k", top_k, ">= 0 (0 = all tokens)", top_k >= 0)) if not ok]
+    if wrong:
+        raise RunError("; ".join(wrong))
     write = write or (lambda text: (sys.stdout.write(text), sys.stdout.flush()))
     run = load_run(workdir, print_fn, checkpoint=checkpoint)
     prompt_ids = encode_prompt(run.vocab, prompt)

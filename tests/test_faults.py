@@ -56,8 +56,12 @@ def test_a_rerun_on_another_text_is_refused_and_changes_nothing(tmp_path, text_d
     before = snapshot(workdir)
     text = generated_text()
     assert "X" not in text
-    for name, other in [("upper", text.upper()), ("same_size", text.replace("e", "X"))]:  # the second has
-        data = text_dir(tmp_path / name, other)  # as many characters: it would decode wrongly, silently
+    # "same_size" has as many characters: it would decode wrongly, silently; "same_chars" has the
+    # very same ones (e and o swapped): it would decode right, and train on another text
+    others = [("upper", text.upper()), ("same_size", text.replace("e", "X")),
+              ("same_chars", text.translate(str.maketrans("eo", "oe")))]
+    for name, other in others:
+        data = text_dir(tmp_path / name, other)
         line = one_error_line(cli(*flags_for("grassmann_shakespeare", workdir, data)))
         assert "holds a run trained on another text" in line and "--data_dir" in line and "--restart" in line
         assert snapshot(workdir) == before
@@ -249,6 +253,13 @@ def test_an_unreadable_data_file_says_so(tmp_path, monkeypatch):
     assert "cannot write" not in line and "free space" not in line and "\n" not in line
 
 
+def test_a_folder_where_the_text_should_be_is_one_line_and_downloads_nothing(tmp_path):
+    (tmp_path / "data" / "tinyshakespeare" / "input.txt").mkdir(parents=True)
+    line = one_error_line(cli(*flags_for("grassmann_shakespeare", tmp_path / "run", tmp_path / "data")))
+    assert "input.txt is not a file" in line and "--data_dir" in line and "download" not in line
+    assert not [p for p in (tmp_path / "run").rglob("*") if p.is_file()]  # nothing written
+
+
 @pytest.mark.parametrize("key, value", [("train.grad_clip", "nan"), ("train.learning_rate", "inf"),
                                         ("train.learning_rate", "nan"), ("model.dropout", "-inf")])
 def test_non_finite_config_values_are_refused(key, value):
@@ -272,7 +283,7 @@ def test_non_finite_values_set_in_python_are_refused_too():
 
 @pytest.mark.parametrize("temperature", [math.nan, math.inf, -1.0])
 def test_a_bad_sampling_temperature_is_one_line(tmp_path, temperature):
-    with pytest.raises(inference.RunError, match="--temperature"):
+    with pytest.raises(inference.RunError, match=r"^--temperature must be a finite number >= 0"):
         inference.sample_run(tmp_path / "nothing", temperature=temperature)
 
 

@@ -5,6 +5,10 @@ wikitext (WikiText-2, WordPiece), batches (sample_batch, eval_batches: reproduci
 step).
 """
 
+import hashlib
+
+import numpy as np
+
 from grassjax.data.batches import eval_batches, sample_batch
 from grassjax.data.char import (SHAKESPEARE_SHA256, SHAKESPEARE_URL, CharDataset, CharVocab,
                                 load_char_dataset, load_text)
@@ -23,8 +27,20 @@ def load_dataset(data_cfg, data_dir: str | None):
                              allow_custom_text=data_cfg.allow_custom_text)
 
 
+def fingerprint(dataset) -> str:
+    """sha256 of the token streams a run trains and evaluates on (train, val, and test where there
+    is one): two texts with the same characters still differ here."""
+    digest = hashlib.sha256()
+    for split in ("train", "val", "test"):
+        tokens = getattr(dataset, split, None)
+        if tokens is not None:
+            digest.update(f"{split}:{tokens.dtype.str}:{len(tokens)}:".encode())
+            digest.update(np.ascontiguousarray(tokens).tobytes())
+    return digest.hexdigest()
+
+
 __all__ = [
     "DATA_DIR_ENV", "SHAKESPEARE_SHA256", "SHAKESPEARE_URL", "CharDataset", "CharVocab",
-    "DataError", "DownloadError", "eval_batches", "load_char_dataset", "load_dataset", "load_text",
+    "DataError", "DownloadError", "eval_batches", "fingerprint", "load_char_dataset", "load_dataset", "load_text",
     "resolve_data_dir", "sample_batch", "user_cache_dir",
 ]

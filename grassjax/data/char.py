@@ -49,6 +49,8 @@ def load_text(data_dir: str | os.PathLike | None = None, *, name: str = "tinysha
             raise DataError(f"{path} has sha256 {actual}, expected {sha256} ({name}); replace it "
                             f"with the real file, or pass --config.data.allow_custom_text=True to "
                             f"train on your own text")
+    elif path.exists():  # a folder (or a device) where the file should be: no download
+        raise DataError(f"{path} is not a file; {fix}")
     elif not download:
         raise DataError(f"{name} not found at {path} and downloading is off; {fix}")
     else:

@@ -10,12 +10,13 @@ import pathlib
 
 import jax
 
+from grassjax import data
 from grassjax.runlog import rewind_metrics
 from grassjax.train.checkpoint import CORRUPT_DIR, CheckpointMismatchError, Checkpointer
 from grassjax.train.setup import TrainingSetup
 from grassjax.train.timeline import PROCESS
 from grassjax.train.step import TrainState
-from grassjax.train.workdir import WorkdirError, check_resume, check_vocab, save_run_config
+from grassjax.train.workdir import WorkdirError, check_data, check_resume, save_run_config
 
 
 class NonFiniteLossError(RuntimeError):
@@ -68,11 +69,11 @@ def open_run(config, workdir: pathlib.Path, data_dir: str | None, print_fn) -> R
     checkpointer = Checkpointer(workdir, max_to_keep=config.train.keep_checkpoints,
                                 asynchronous=True)
     has_checkpoint = checkpointer.latest_step() is not None
-    vocab = setup.dataset.vocab.to_dict()
+    vocab, fingerprint = setup.dataset.vocab.to_dict(), data.fingerprint(setup.dataset)
     check_resume(workdir, config.to_dict(), has_checkpoint=has_checkpoint, print_fn=print_fn)
     state, best_loss = setup.state, math.inf
     if has_checkpoint:
-        check_vocab(workdir, vocab)
+        check_data(workdir, vocab, fingerprint)
         try:
             state = checkpointer.restore_newest_good(state, print_fn)
         except CheckpointMismatchError as err:
@@ -92,7 +93,7 @@ def open_run(config, workdir: pathlib.Path, data_dir: str | None, print_fn) -> R
                      f"saves a new one")
             checkpointer.move_best_aside()
     if is_main:
-        save_run_config(workdir, config.to_dict(), vocab)
+        save_run_config(workdir, config.to_dict(), vocab, fingerprint)
     # Forget what a crashed run logged past its last checkpoint; recover the evals and the clock
     # before it.
     records = rewind_metrics(workdir / "metrics.jsonl", step)

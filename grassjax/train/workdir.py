@@ -21,6 +21,7 @@ from typing import Any, Callable
 LOCK_NAME = "lock"
 CONFIG_NAME = "run_config.json"
 VOCAB_NAME = "vocab.json"
+DATA_NAME = "data.json"  # the fingerprint of the tokens the run was trained on
 # Keys that may differ when a run is resumed: how long, how often, what is logged, and the
 # optimizer's settings (the NaN stop advises a lower learning rate and a rerun) -- never what the
 # parameters are or which data they see. Prefixes end with "."; every other key must match exactly.
@@ -172,28 +173,40 @@ def check_resume(workdir: pathlib.Path, config: dict, *, has_checkpoint: bool,
                  f"learning-rate schedule and optimizer use the new value from here on")
 
 
-def check_vocab(workdir: pathlib.Path, vocab: dict) -> None:
-    """Refuse to resume a run trained on a text with another vocabulary (<workdir>/vocab.json)."""
-    path = workdir / VOCAB_NAME
-    if not path.exists():
-        return
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return  # rewritten once the run is restored; the checkpoint's shapes were checked
-    if saved != vocab:
+def check_data(workdir: pathlib.Path, vocab: dict, fingerprint: str) -> None:
+    """Refuse to resume a run trained on another text: another vocabulary (<workdir>/vocab.json),
+    or the same characters in other tokens (the fingerprint in <workdir>/data.json, where the run
+    has one)."""
+    fix = (f"pass the --data_dir it was trained on, another --workdir, or --restart to move the "
+           f"old run aside and start over")
+    saved = _read_json(workdir / VOCAB_NAME)
+    if saved is not None and saved != vocab:
         sizes = f": {len(saved['chars'])} characters, this text {len(vocab['chars'])}" \
             if "chars" in saved and "chars" in vocab else ""
         raise WorkdirError(f"{workdir} holds a run trained on another text (its {VOCAB_NAME} "
-                           f"differs{sizes}); pass the --data_dir it was trained on, another "
-                           f"--workdir, or --restart to move the old run aside and start over")
+                           f"differs{sizes}); {fix}")
+    data = _read_json(workdir / DATA_NAME)
+    if isinstance(data, dict) and data.get("fingerprint") not in (None, fingerprint):
+        raise WorkdirError(f"{workdir} holds a run trained on another text (the same characters, "
+                           f"other tokens: {DATA_NAME} differs); {fix}")
 
 
-def save_run_config(workdir: pathlib.Path, config: dict, vocab: dict) -> None:
-    """run_config.json and vocab.json: what the next resume, --mode=sample and load_run read."""
-    for name, value in ((CONFIG_NAME, config), (VOCAB_NAME, vocab)):
-        text = (json.dumps(value, indent=1, sort_keys=True) + "\n" if name == CONFIG_NAME
-                else json.dumps(value))
+def _read_json(path: pathlib.Path):
+    """The file's JSON, or None where it is missing or unreadable (rewritten once the run is
+    restored; the checkpoint's shapes were checked)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def save_run_config(workdir: pathlib.Path, config: dict, vocab: dict, fingerprint: str) -> None:
+    """run_config.json, vocab.json and data.json: what the next resume, --mode=sample and load_run
+    read."""
+    texts = {CONFIG_NAME: json.dumps(config, indent=1, sort_keys=True) + "\n",
+             VOCAB_NAME: json.dumps(vocab),
+             DATA_NAME: json.dumps({"fingerprint": fingerprint}) + "\n"}
+    for name, text in texts.items():
         path = workdir / name
         if not path.exists() or path.read_text() != text:
             path.write_text(text)
