@@ -146,3 +146,14 @@ def test_end_to_end_benchmark_splits_a_command_into_phases_that_add_up(tmp_path,
     assert (tmp_path / "e2e" / "end_to_end.png").stat().st_size > 5000
     history = set().union(*offline.read_history(tmp_path / "e2e"))
     assert {"wall_s/grassmann_shakespeare", "wall_s/bigram_shakespeare"} <= history
+
+
+def test_end_to_end_benchmark_names_a_wrong_nanogpt_dir_in_one_line(tmp_path):
+    from tests.test_train import cli
+
+    proc = cli("--exp=benchmark_end_to_end", f"--workdir={tmp_path / 'e2e'}",
+               f"--config.bench.nanogpt_dir={tmp_path}", "--wandb_mode=disabled")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert "is not a nanoGPT checkout (no train.py" in lines[0] and "karpathy/nanoGPT" in lines[0]
+    assert not (tmp_path / "e2e").exists()  # refused before anything was written or run

@@ -17,7 +17,7 @@ from grassjax import inference
 from grassjax.train.workdir import WorkdirError
 from tests.conftest import REPO, generated_text
 from tests.test_guards import FAST, fast_run, latest
-from tests.test_train import cli, overrides_as_flags
+from tests.test_train import cli, overrides_as_flags, start_training
 
 
 def snapshot(workdir: pathlib.Path) -> dict[str, str]:
@@ -158,14 +158,14 @@ def test_a_truncated_newest_checkpoint_is_one_warning_line(tmp_path, text_data_d
 
 
 def test_two_studies_on_one_workdir_leave_the_live_trial_alone(tmp_path, text_data_dir):
-    optuna = pytest.importorskip("optuna")
     import experiments
-    from optuna.trial import TrialState
+    from tests.test_tune import new_study
 
     workdir = tmp_path / "study"
-    workdir.mkdir()
-    storage = f"sqlite:///{workdir / 'study.db'}"
-    study = optuna.create_study(study_name="tune_shakespeare", storage=storage, direction="minimize")
+    study = new_study(workdir)
+    optuna = pytest.importorskip("optuna")
+    from optuna.trial import TrialState
+
     live = study.ask({"learning_rate": optuna.distributions.FloatDistribution(1e-4, 3e-2, log=True)})
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
     try:
@@ -178,6 +178,7 @@ def test_two_studies_on_one_workdir_leave_the_live_trial_alone(tmp_path, text_da
     finally:
         holder.kill()
         holder.wait()
+    storage = f"sqlite:///{workdir / 'study.db'}"
     states = [t.state for t in optuna.load_study(study_name="tune_shakespeare", storage=storage).trials]
     assert states == [TrialState.RUNNING] and live.number == 0
 
@@ -293,14 +294,9 @@ def test_sigterm_twice_aborts_with_143_and_leaves_no_half_written_checkpoint(tmp
     flags = flags_for("grassmann_shakespeare", workdir, text_data_dir, train__steps=100000,
                       train__eval_every=100000, train__checkpoint_every=100000, model__d_model=256,
                       model__d_ff=1024, model__num_layers=2)
-    proc = subprocess.Popen([sys.executable, str(REPO / "launch.py"), *flags], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=REPO, stdin=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    metrics = workdir / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and "train/loss" in metrics.read_text()):
-        time.sleep(0.05)
+    proc = start_training(flags, workdir)
     proc.send_signal(signal.SIGTERM)
+    deadline = time.time() + 120
     while time.time() < deadline and not list(workdir.rglob("*orbax-checkpoint-tmp*")):
         time.sleep(0.005)  # the save has begun
     proc.send_signal(signal.SIGTERM)

@@ -162,15 +162,21 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, text_dat
     assert Checkpointer(workdir).latest_step() == 10
 
 
-def signal_after_first_loss(flags, workdir, sig) -> subprocess.CompletedProcess:
-    """Start launch.py with `flags`, send `sig` once a training loss reached metrics.jsonl, wait for the exit."""
+def start_training(flags, workdir) -> subprocess.Popen:
+    """Start launch.py with `flags`; return once a training loss reached metrics.jsonl (or 120 s)."""
     proc = subprocess.Popen([sys.executable, str(REPO / "launch.py"), *flags], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=REPO, stdin=subprocess.DEVNULL,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     metrics = workdir / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.exists() and "train/loss" in metrics.read_text()):
-        time.sleep(0.1)
+        time.sleep(0.05)
+    return proc
+
+
+def signal_after_first_loss(flags, workdir, sig) -> subprocess.CompletedProcess:
+    """Start launch.py with `flags`, send `sig` once a training loss reached metrics.jsonl, wait for the exit."""
+    proc = start_training(flags, workdir)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

@@ -17,15 +17,20 @@ def test_missing_optuna_names_the_extra(monkeypatch):
         tune.import_optuna()
 
 
-def test_study_prunes_resumes_interrupted_trials_and_continues(tmp_path, text_data_dir):
+def new_study(workdir):
+    """An empty tune_shakespeare study in workdir/study.db, as the experiment names and stores it."""
     optuna = pytest.importorskip("optuna")
+    workdir.mkdir()
+    return optuna.create_study(study_name="tune_shakespeare", storage=f"sqlite:///{workdir / 'study.db'}",
+                               direction="minimize")
+
+
+def test_study_prunes_resumes_interrupted_trials_and_continues(tmp_path, text_data_dir):
     from optuna.distributions import FloatDistribution
     from optuna.trial import TrialState
 
     workdir = tmp_path / "tune"
-    workdir.mkdir()
-    storage = f"sqlite:///{workdir / 'study.db'}"
-    study = optuna.create_study(study_name="tune_shakespeare", storage=storage, direction="minimize")
+    study = new_study(workdir)
     # A trial an earlier invocation left running (killed): it must be closed and its learning rate rerun
     # in its own folder.
     stale = study.ask({"learning_rate": FloatDistribution(1e-6, 1e-1, log=True)})

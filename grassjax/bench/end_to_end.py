@@ -10,6 +10,7 @@ end_to_end.png, a W&B run.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
@@ -22,8 +23,10 @@ import time
 import numpy as np
 
 from grassjax.bench import timing
+from grassjax.extras import require
 from grassjax.runlog import RunLogger
 from grassjax.runlog.records import write_json
+from grassjax.train.config import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 # nanoGPT's README, "I only have a macbook":
@@ -54,8 +57,6 @@ def run_grassjax(exp: str, bc, data_dir: str | None, scratch: pathlib.Path) -> d
     exited = time.time()
     if proc.returncode != 0:
         raise RuntimeError(f"{exp} failed (exit {proc.returncode}): {proc.stderr.strip()[-500:]}")
-    import json
-
     timeline = json.loads((workdir / "timeline.json").read_text())
     phases = {"start-up: interpreter and imports": timeline["marks"]["main"] - spawned,
               **timeline["phases"], "shutdown: process exit": exited - timeline["marks"]["end"]}
@@ -64,6 +65,18 @@ def run_grassjax(exp: str, bc, data_dir: str | None, scratch: pathlib.Path) -> d
                 accounted_s=sum(phases.values()), best_val_loss=result["best_val_loss"],
                 steps=result["final_step"], step_time_ms=result["step_time_ms"],
                 compile_time_s=result["compile_time_s"])
+
+
+def check_nanogpt(nanogpt_dir: pathlib.Path) -> None:
+    """A checkout of nanoGPT and a PyTorch to run it, or one line naming what is missing."""
+    missing = [name for name in ("train.py", "model.py", "configurator.py",
+                                 "config/train_shakespeare_char.py",
+                                 "data/shakespeare_char/prepare.py")
+               if not (nanogpt_dir / name).is_file()]
+    if missing:
+        raise ConfigError(f"--config.bench.nanogpt_dir={nanogpt_dir} is not a nanoGPT checkout (no "
+                          f"{', '.join(missing)}); point it at a clone of karpathy/nanoGPT")
+    require("torch", extra="torch", feature="nanoGPT's train.py in benchmark_end_to_end")
 
 
 def prepare_nanogpt(nanogpt_dir: pathlib.Path, data_dir: str | None) -> None:
@@ -134,8 +147,10 @@ def plot(summary: dict, path: pathlib.Path) -> pathlib.Path:
             width = row["phases_mean_s"].get(name, 0.0)
             ax.barh(y, width, left=left, color=color, label=name if y == 0 else None)
             left += width
-        ax.barh(y, row["wall_mean_s"] - left, left=left, color="0.8",
-                label="unaccounted" if y == 0 else None)
+        # a command that logs no phases (nanoGPT's train.py) is one bar of its whole wall time
+        rest = "the whole run, not split" if left == 0 else "not accounted for by a phase"
+        ax.barh(y, row["wall_mean_s"] - left, left=left, color="0.8" if left else "0.55",
+                label=rest if rest not in ax.get_legend_handles_labels()[1] else None)
         ax.text(row["wall_mean_s"], y, f" {row['wall_mean_s']:.1f} s", va="center", fontsize=8)
     ax.set_yticks(range(len(commands)), commands)
     ax.set_xlabel("seconds from start to exit (mean over rounds)")
@@ -149,6 +164,8 @@ def plot(summary: dict, path: pathlib.Path) -> pathlib.Path:
 def run_end_to_end_benchmark(config, *, workdir, exp_name: str, data_dir: str | None = None,
                              wandb_mode: str | None = None, print_fn=print) -> dict:
     bc = config.bench
+    if bc.nanogpt_dir:
+        check_nanogpt(pathlib.Path(bc.nanogpt_dir))
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     if bc.nanogpt_dir:

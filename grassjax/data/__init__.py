@@ -41,6 +41,6 @@ def fingerprint(dataset) -> str:
 
 __all__ = [
     "DATA_DIR_ENV", "SHAKESPEARE_SHA256", "SHAKESPEARE_URL", "CharDataset", "CharVocab",
-    "DataError", "DownloadError", "eval_batches", "fingerprint", "load_char_dataset", "load_dataset", "load_text",
-    "resolve_data_dir", "sample_batch", "user_cache_dir",
+    "DataError", "DownloadError", "eval_batches", "fingerprint", "load_char_dataset",
+    "load_dataset", "load_text", "resolve_data_dir", "sample_batch", "user_cache_dir",
 ]
