@@ -134,6 +134,7 @@ def load_run(workdir: str | pathlib.Path, print_fn: Callable[[str], None] = prin
     used.
     """
     from grassjax.train.checkpoint import CheckpointMismatchError, Checkpointer
+    from grassjax.train.config import with_legacy_values
     from grassjax.train.optim import train_hparams
     from grassjax.train.setup import model_config_from
     from grassjax.train.step import init_train_state
@@ -149,7 +150,8 @@ def load_run(workdir: str | pathlib.Path, print_fn: Callable[[str], None] = prin
     if missing:
         raise RunError(f"{workdir} has checkpoints but no {' or '.join(missing)} (written by "
                        f"training since this version); resume the run once to write them")
-    config = ml_collections.ConfigDict(json.loads((workdir / CONFIG_NAME).read_text()))
+    config = ml_collections.ConfigDict(
+        with_legacy_values(json.loads((workdir / CONFIG_NAME).read_text())))
     vocab = _load_vocab(workdir / "vocab.json")
     model = build_model(model_config_from(config, vocab.size), seed=config.train.seed)
     # the saved structure

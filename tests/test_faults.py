@@ -68,6 +68,31 @@ def test_a_rerun_on_another_text_is_refused_and_changes_nothing(tmp_path, text_d
     assert len(quiet_sample(workdir)) == 1  # the run is whole
 
 
+def test_a_run_saved_before_dense_layout_loads_as_it_was_and_names_the_flag_to_resume(tmp_path,
+                                                                                    text_data_dir):
+    """Runs saved before model.dense_layout existed hold (in, out) kernels and no such key."""
+    import json
+
+    workdir = tmp_path / "run"
+    fast_run("transformer_shakespeare", workdir, text_data_dir, train__stop_after=10,
+             model__dense_layout="in_out")
+    config = json.loads((workdir / "run_config.json").read_text())
+    del config["model"]["dense_layout"]
+    (workdir / "run_config.json").write_text(json.dumps(config, indent=1, sort_keys=True) + "\n")
+    assert len(quiet_sample(workdir)) == 1  # samples as before
+    before = snapshot(workdir)
+    run = inference.load_run(workdir, print_fn=lambda *_: None)
+    assert run.config.model.dense_layout == "in_out"
+    assert run.model.blocks[0].ffn.up.kernel.shape == (32, 64)  # (in, out), as saved
+    line = one_error_line(cli(*flags_for("transformer_shakespeare", workdir, text_data_dir)))
+    assert "model.dense_layout: 'in_out' -> 'out_in'" in line
+    assert "to resume it, pass --config.model.dense_layout=in_out" in line
+    assert snapshot(workdir) == before
+    fast_run("transformer_shakespeare", workdir, text_data_dir, train__stop_after=20,
+             model__dense_layout="in_out")
+    assert latest(workdir) == 20  # resumed as it was
+
+
 def test_a_workdir_without_run_config_is_checked_against_its_checkpoints(tmp_path, text_data_dir):
     """Runs trained before run_config.json existed: a rerun with other settings must not adopt the run."""
     workdir = tmp_path / "run"

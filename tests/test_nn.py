@@ -78,6 +78,26 @@ def test_init_is_normal_with_configured_std():
     assert abs(kernel.std() - 0.05) < 0.005 and abs(kernel.mean()) < 0.005
 
 
+@pytest.mark.parametrize("mixer", ["attention", "grassmann"])
+def test_both_dense_layouts_start_from_the_same_values_and_compute_the_same(mixer):
+    """model.dense_layout="out_in" holds nnx.Linear's very kernels, transposed; the Grassmann
+    weights keep (in, out)."""
+    cfg = ModelConfig(**{**SMALL, "mixer": mixer, "tie_embeddings": False})
+    out_in, in_out = build_model(cfg), build_model(cfg.replace(dense_layout="in_out"))
+    flat = lambda m: {"/".join(map(str, path)): np.asarray(leaf) for path, leaf in  # noqa: E731
+                      jax.tree_util.tree_flatten_with_path(nnx.state(m, nnx.Param))[0]}
+    a, b = flat(out_in), flat(in_out)
+    assert a.keys() == b.keys()
+    transposed = [k for k in a if a[k].shape != b[k].shape or (a[k].ndim == 2 and not
+                                                               np.array_equal(a[k], b[k]))]
+    assert transposed and all("kernel" in k for k in transposed)
+    assert not [k for k in transposed if any(w in k for w in ("reduce", "plucker_proj", "gate"))]
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k].T if k in transposed else b[k])
+    tokens = jnp.arange(48).reshape(2, 24) % 11
+    np.testing.assert_allclose(out_in(tokens), in_out(tokens), rtol=1e-5, atol=1e-5)
+
+
 def test_dropout_is_random_in_training_and_off_in_eval():
     model = build_model(ModelConfig(**{**SMALL, "dropout": 0.5}))
     tokens = jnp.zeros((1, 8), jnp.int32)
@@ -102,6 +122,7 @@ def test_intermediates_for_statistics():
     (dict(d_model=10, num_heads=3), "divisible"),
     (dict(offsets=(1, 2), offsets_per_layer=True, num_layers=3), "one entry per layer"),
     (dict(offsets=(0, 1)), "positive"),
+    (dict(dense_layout="row_major"), "model.dense_layout"),
 ])
 def test_bad_config_says_what_to_fix(bad, match):
     with pytest.raises(ValueError, match=match):

@@ -183,16 +183,20 @@ class LanguageModel(nn.Module):
 def load_params(model: LanguageModel, params) -> None:
     """Copy a grassjax LanguageModel's parameters (nnx.state(model, nnx.Param)) into the port.
 
-    Module names match, so the mapping is by name: kernel -> weight (transposed: JAX computes
-    x @ W, torch x @ W.T), embedding -> weight, LayerNorm scale -> weight.
+    Module names match, so the mapping is by name: kernel -> weight, embedding -> weight, LayerNorm
+    scale -> weight. torch holds weights (out, in); a kernel held (in, out) (model.dense_layout
+    "in_out", and the Grassmann weights always) is transposed.
     """
     import jax  # only here: the torch side of this module needs no JAX
+
+    from grassjax.nn.layers import GRASSMANN_WEIGHTS
 
     flat = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         keys = [str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path]
         *prefix, leaf_name = keys[:-1] if keys[-1] == "value" else keys
-        value = np.asarray(leaf).T if leaf_name == "kernel" else np.asarray(leaf)
+        in_out = model.cfg.dense_layout == "in_out" or (prefix and prefix[-1] in GRASSMANN_WEIGHTS)
+        value = np.asarray(leaf).T if leaf_name == "kernel" and in_out else np.asarray(leaf)
         leaf_name = {"kernel": "weight", "embedding": "weight",
                      "scale": "weight"}.get(leaf_name, leaf_name)
         flat[".".join(prefix + [leaf_name])] = value

@@ -9,6 +9,7 @@ MIXERS = ("attention", "grassmann", "sliding_window", "conv")
 NORM_PLACEMENTS = ("pre", "post")
 MODEL_KINDS = ("lm", "bigram")
 PARTNER_MIXES = ("none", "per_offset", "per_offset_scalar")
+DENSE_LAYOUTS = ("out_in", "in_out")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +42,12 @@ class ModelConfig:
     grassmann_out_proj: a d x d projection after the gate. The paper does not
       describe it, but its parameter counts only add up with one per layer.
     init_std: std of the N(0, init_std) initialisation of every matrix.
+    dense_layout: how the dense layers that are applied to activations (q/k/v, the projections, the
+      feed-forward, the head) store their kernels: "out_in", as PyTorch does (y = x Wᵀ + b; its
+      backward runs faster on XLA:CPU), or "in_out", as nnx.Linear does (y = x W + b). Both start
+      from the same values. Runs saved before the field existed are "in_out"
+      (grassjax.train.config.LEGACY_VALUES). The Grassmann weights W_red, W_plu and W_gate stay
+      (in, out) either way: grassjax.functional takes them so.
     dtype: compute dtype ("float32" or "bfloat16"); parameters stay float32.
     """
 
@@ -66,6 +73,7 @@ class ModelConfig:
     tie_embeddings: bool = True
     init_std: float = 0.02
     dtype: str = "float32"
+    dense_layout: str = "out_in"
 
     def __post_init__(self):
         object.__setattr__(self, "offsets", tuple(int(o) for o in self.offsets))
@@ -92,6 +100,8 @@ class ModelConfig:
              f"model.attn_dropout must be in [0, 1), got {self.attn_dropout}"),
             (self.dtype in ("float32", "bfloat16"),
              f"model.dtype must be float32 or bfloat16, got {self.dtype!r}"),
+            (self.dense_layout in DENSE_LAYOUTS,
+             f"model.dense_layout must be one of {DENSE_LAYOUTS}, got {self.dense_layout!r}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -19,10 +19,38 @@ def compute_dtype(cfg: ModelConfig):
     return jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
 
 
+# The Grassmann mixer's dense weights, held (in, out) whatever model.dense_layout:
+# grassjax.functional takes them as x @ W.
+GRASSMANN_WEIGHTS = ("reduce", "plucker_proj", "gate")
+
+
+class Dense(nnx.Linear):
+    """nnx.Linear with its kernel stored (out, in), as PyTorch stores it: y = x Wᵀ + b.
+
+    Initialised to exactly the values nnx.Linear would hold (same keys, same draws), transposed.
+    XLA:CPU computes this layout's weight gradient (gᵀ x) faster than nnx.Linear's (xᵀ g).
+    """
+
+    def __init__(self, in_features: int, out_features: int, **kwargs):
+        super().__init__(in_features, out_features, **kwargs)
+        self.kernel = nnx.Param(self.kernel[...].T)  # (out, in)
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        bias = self.bias[...] if self.bias is not None else None
+        inputs, kernel, bias = self.promote_dtype((inputs, self.kernel[...], bias),
+                                                  dtype=self.dtype)
+        # (..., in) x (out, in) -> (..., out)
+        y = jax.lax.dot_general(inputs, kernel, (((inputs.ndim - 1,), (1,)), ((), ())),
+                                precision=self.precision)
+        return y if bias is None else y + bias
+
+
 def dense(cfg: ModelConfig, d_in: int, d_out: int, *, rngs: nnx.Rngs,
-          use_bias: bool | None = None) -> nnx.Linear:
-    """Linear layer with the config's N(0, init_std) init and compute dtype."""
-    return nnx.Linear(
+          use_bias: bool | None = None, layout: str | None = None) -> nnx.Linear:
+    """A dense layer with the config's N(0, init_std) init, compute dtype and kernel layout
+    (`layout` overrides cfg.dense_layout: the Grassmann weights are always "in_out")."""
+    cls = Dense if (layout or cfg.dense_layout) == "out_in" else nnx.Linear
+    return cls(
         d_in, d_out,
         use_bias=cfg.use_bias if use_bias is None else use_bias,
         dtype=compute_dtype(cfg),
@@ -140,10 +168,12 @@ class CausalGrassmannMixing(Mixer):
         self.offsets = tuple(offsets)
         self.eps = cfg.grassmann_eps
         self.dtype = compute_dtype(cfg)
-        self.reduce = dense(cfg, d, r, rngs=rngs)  # W_red
+        # F.grassmann_mix takes its weights as x @ W: (in, out) whatever cfg.dense_layout (the
+        # names are GRASSMANN_WEIGHTS)
+        self.reduce = dense(cfg, d, r, rngs=rngs, layout="in_out")  # W_red
         # W_plu, shared by all offsets
-        self.plucker_proj = dense(cfg, F.num_plucker_coords(r), d, rngs=rngs)
-        self.gate = dense(cfg, 2 * d, d, rngs=rngs)  # W_gate acting on [h; g]
+        self.plucker_proj = dense(cfg, F.num_plucker_coords(r), d, rngs=rngs, layout="in_out")
+        self.gate = dense(cfg, 2 * d, d, rngs=rngs, layout="in_out")  # W_gate acting on [h; g]
         self.out = dense(cfg, d, d, rngs=rngs) if cfg.grassmann_out_proj else None
         # Order-keeping variant: M_δ = I + A_δ, one per offset (A: (m, r, r)), or its scalar
         # control M_δ = (1 + s_δ) I (s: (m,)); zeros at init, so training starts from the

@@ -60,8 +60,8 @@ class _Sink(io.TextIOBase):
 def quiet_library(settle_s: float = 0.3, max_wait_s: float = 3.0):
     """Keep orbax's absl log lines and the tracebacks its and tensorstore's threads print (asyncio's
     "Event loop is closed", on a failed read or write) off the console; our one line says what
-    happened. After an error, waits until those threads have stopped printing. Yields the collected
-    text."""
+    happened. After an error (other than a lost peer), waits until those threads have stopped
+    printing. Yields the collected text."""
     level = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.FATAL)
     sink, stderr = _Sink(), sys.stderr
@@ -69,8 +69,10 @@ def quiet_library(settle_s: float = 0.3, max_wait_s: float = 3.0):
     failed = False
     try:
         yield sink
-    except BaseException:
-        failed = True
+    except BaseException as err:
+        # a lost peer: the process ends at once (lost_peer_exit), before jax.distributed's
+        # coordination service notices the peer too and aborts it from C++
+        failed = not peer_lost(err)
         raise
     finally:
         if failed:

@@ -82,6 +82,22 @@ def default_config() -> ml_collections.ConfigDict:
 
 X_AXES = ("step", "perf/elapsed_s")
 
+# Keys added since runs were first saved, with what their absence from an older run_config.json
+# meant (where that differs from today's default): a resume compares against these, and a loaded
+# run is built with them.
+LEGACY_VALUES = {"model.dense_layout": "in_out"}
+
+
+def with_legacy_values(saved: dict) -> dict:
+    """A saved config (nested dicts) with each key of LEGACY_VALUES it lacks set to its old
+    meaning."""
+    saved = {k: (dict(v) if isinstance(v, dict) else v) for k, v in saved.items()}
+    for key, value in LEGACY_VALUES.items():
+        section, name = key.split(".")
+        if isinstance(saved.get(section), dict):
+            saved[section].setdefault(name, value)
+    return saved
+
 
 CONFIG_PREFIX = "--config."
 

@@ -136,10 +136,10 @@ def _resumable(key: str) -> bool:
 def config_differences(saved: dict, current: dict) -> tuple[list[str], list[str]]:
     """(keys that must match but differ, resumable keys that differ), from two config dicts. A key
     the saved config lacks (added since it was written) counts as its default."""
-    from grassjax.train.config import default_config
+    from grassjax.train.config import default_config, with_legacy_values
 
     defaults = flatten(default_config().to_dict())
-    old, new = flatten(saved), flatten(current)
+    old, new = flatten(with_legacy_values(saved)), flatten(current)
     old.update({k: defaults[k] for k in new.keys() - old.keys() if k in defaults})
     differing = sorted(k for k in old.keys() | new.keys()
                        if old.get(k, "<absent>") != new.get(k, "<absent>"))
@@ -159,14 +159,21 @@ def check_resume(workdir: pathlib.Path, config: dict, *, has_checkpoint: bool,
         raise WorkdirError(f"{path} is unreadable ({type(err).__name__}); pass another --workdir, "
                            f"or --restart to move the old run aside and start over") from None
     refused, changed = config_differences(saved, config)
-    old, new = flatten(saved), flatten(config)
+    from grassjax.train.config import with_legacy_values
+
+    old, new = flatten(with_legacy_values(saved)), flatten(config)
     if refused:
         diffs = ", ".join(f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
                           for k in refused[:6])
         more = f" (and {len(refused) - 6} more)" if len(refused) > 6 else ""
-        raise WorkdirError(f"{workdir} holds a run with another config ({diffs}{more}); pass "
-                           f"another --workdir, or --restart to move the old run aside and start "
-                           f"over")
+        # a few scalar keys: the flags that resume it as it was
+        resume = [f"--config.{k}={old[k]}" for k in refused
+                  if k in old and isinstance(old[k], (str, int, float, bool))]
+        resume = (f"to resume it, pass {' '.join(resume)}; or " if len(resume) == len(refused) <= 3
+                  else "")
+        raise WorkdirError(f"{workdir} holds a run with another config ({diffs}{more}); {resume}"
+                           f"pass another --workdir, or --restart to move the old run aside and "
+                           f"start over")
     # allowed, but it changes the run: say so
     for key in (k for k in changed if k in OPTIMIZER_KEYS):
         print_fn(f"Note: {key} changed from {old.get(key)} to {new.get(key)} on resume: the "
