@@ -133,14 +133,14 @@ def _resumable(key: str) -> bool:
     return any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUMABLE)
 
 
-def config_differences(saved: dict, current: dict) -> tuple[list[str], list[str]]:
-    """(keys that must match but differ, resumable keys that differ), from two config dicts. A key
-    the saved config lacks (added since it was written) counts as its default."""
-    from grassjax.train.config import default_config, with_legacy_values
+def config_differences(old: dict, new: dict) -> tuple[list[str], list[str]]:
+    """(keys that must match but differ, resumable keys that differ), from the saved and the
+    current config, both flattened. A key the saved config lacks (added since it was written)
+    counts as its default."""
+    from grassjax.train.config import default_config
 
     defaults = flatten(default_config().to_dict())
-    old, new = flatten(with_legacy_values(saved)), flatten(current)
-    old.update({k: defaults[k] for k in new.keys() - old.keys() if k in defaults})
+    old = {**{k: defaults[k] for k in new.keys() - old.keys() if k in defaults}, **old}
     differing = sorted(k for k in old.keys() | new.keys()
                        if old.get(k, "<absent>") != new.get(k, "<absent>"))
     return [k for k in differing if not _resumable(k)], [k for k in differing if _resumable(k)]
@@ -158,18 +158,18 @@ def check_resume(workdir: pathlib.Path, config: dict, *, has_checkpoint: bool,
     except (OSError, ValueError) as err:
         raise WorkdirError(f"{path} is unreadable ({type(err).__name__}); pass another --workdir, "
                            f"or --restart to move the old run aside and start over") from None
-    refused, changed = config_differences(saved, config)
     from grassjax.train.config import with_legacy_values
 
     old, new = flatten(with_legacy_values(saved)), flatten(config)
+    refused, changed = config_differences(old, new)
     if refused:
         diffs = ", ".join(f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
                           for k in refused[:6])
         more = f" (and {len(refused) - 6} more)" if len(refused) > 6 else ""
         # a few scalar keys: the flags that resume it as it was
-        resume = [f"--config.{k}={old[k]}" for k in refused
-                  if k in old and isinstance(old[k], (str, int, float, bool))]
-        resume = (f"to resume it, pass {' '.join(resume)}; or " if len(resume) == len(refused) <= 3
+        flags = [f"--config.{k}={old[k]}" for k in refused
+                 if k in old and isinstance(old[k], (str, int, float, bool))]
+        resume = (f"to resume it, pass {' '.join(flags)}; or " if len(flags) == len(refused) <= 3
                   else "")
         raise WorkdirError(f"{workdir} holds a run with another config ({diffs}{more}); {resume}"
                            f"pass another --workdir, or --restart to move the old run aside and "
@@ -184,8 +184,8 @@ def check_data(workdir: pathlib.Path, vocab: dict, fingerprint: str) -> None:
     """Refuse to resume a run trained on another text: another vocabulary (<workdir>/vocab.json),
     or the same characters in other tokens (the fingerprint in <workdir>/data.json, where the run
     has one)."""
-    fix = (f"pass the --data_dir it was trained on, another --workdir, or --restart to move the "
-           f"old run aside and start over")
+    fix = ("pass the --data_dir it was trained on, another --workdir, or --restart to move the "
+           "old run aside and start over")
     saved = _read_json(workdir / VOCAB_NAME)
     if saved is not None and saved != vocab:
         sizes = f": {len(saved['chars'])} characters, this text {len(vocab['chars'])}" \
